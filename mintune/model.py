@@ -1,0 +1,330 @@
+"""GPT: the one decoder-only transformer behind every family mintune loads.
+
+    token ids ─► embed_tokens (+ embed_positions for learned positions) ─► dropout
+              ─► n_layer × Block ─► final norm ─► lm_head ─► logits (B, T, vocab)
+
+    Block (pre-norm):      x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x))
+    Block (parallel):      x = x + attn(attn_norm(x)) + mlp(mlp_norm(x))        GPT-NeoX
+    Block (post-norm):     x = attn_norm(x + attn(x));  x = mlp_norm(x + mlp(x))  OPT-350m
+
+Everything a family changes is a field of `ModelConfig`; module names follow Llama's
+(q_proj, o_proj, gate_proj, ...) and `hf.py` maps them to each family's own names.
+
+References: Radford et al. 2019 (GPT-2); Su et al. 2021, https://arxiv.org/abs/2104.09864 (rotary);
+Touvron et al. 2023, https://arxiv.org/abs/2302.13971 (Llama: RMSNorm, SwiGLU);
+Ainslie et al. 2023, https://arxiv.org/abs/2305.13245 (grouped-query attention).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32, scaled after casting back (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Mean/variance normalisation, with a learned scale and bias unless affine=False."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, cfg.norm_eps, cfg.norm_affine)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies (rotary_dim // 2,) in float32, and the factor applied to cos/sin."""
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+    # explicit device: this also runs while the model is built on the meta device
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq, 1.0
+    kind, factor = s["rope_type"], float(s["factor"])
+    if kind == "linear":  # positions divided by factor
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # long wavelengths slowed by factor, short kept, a smooth ramp between
+        old_len = s["original_max_position_embeddings"]
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, ramp, slowed), 1.0
+    if kind == "yarn":  # Peng et al. 2023, https://arxiv.org/abs/2309.00071
+        old_len = s["original_max_position_embeddings"]
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn_factor = s.get("attention_factor")
+        if attn_factor is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attn_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations):  # the dimension that turns `rotations` times over old_len
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (unchanged frequency), 0: interpolate (divided by factor)
+        return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attn_factor)
+    raise ValueError(f"unsupported rope type {kind!r}")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the given positions; kept in float32 whatever dtype the model is cast to."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inv_freq, self.factor = rope_inv_freq(cfg)  # a plain attribute: .to(bf16) must not round it
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
+        angles = torch.cat([freqs, freqs], dim=-1)            # (B, T, rotary_dim)
+        return (angles.cos() * self.factor).to(dtype), (angles.sin() * self.factor).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of each head by position; x (B, H, T, D), cos/sin (B, T, rotary_dim)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos, sin = cos[:, None], sin[:, None]                # (B, 1, T, rot)
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)               # pairs (i, i + rot/2) rotate together
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, allocated on first use.
+
+    The model writes each layer's new keys/values at positions [length, length + T) and then calls
+    `advance(T)`. Shapes per layer: (B, n_kv_head, max_len, head_dim).
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, H, self.max_len, D)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, end, D)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        C, hd = cfg.hidden_size, cfg.head_dim
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
+        self.q_dim, self.kv_dim = cfg.n_head * hd, cfg.n_kv_head * hd
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(C, self.q_dim + 2 * self.kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(C, self.q_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(C, self.kv_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(C, self.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_dim, C, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.fused_qkv = cfg.fused_qkv
+        scale = 1.0 / math.sqrt(hd) if cfg.attn_scale is None else cfg.attn_scale
+        self.scale = scale / (layer_idx + 1) if cfg.attn_scale_by_layer else scale
+        self.window = cfg.layer_windows[layer_idx]
+        self.dropout = cfg.attn_dropout
+
+    def forward(self, x, rope, key_mask, cache: KVCache | None):
+        B, T, C = x.shape
+        if self.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim)     # (B, T, n_head, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)      # (B, heads, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)    # (B, n_kv_head, S, hd), S = past + T
+        y = ops.attention(q, k, v, scale=self.scale, causal=True, key_mask=key_mask, window=self.window,
+                          dropout_p=self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, n_head * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, F_ = cfg.hidden_size, cfg.intermediate_size
+        if cfg.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {cfg.activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[cfg.activation]
+        self.gate_proj = nn.Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up_proj = nn.Linear(C, F_, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(F_, C, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.hidden_size)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.resid_dropout)
+        self.parallel, self.post_norm = cfg.parallel_residual, cfg.norm_position == "post"
+
+    def forward(self, x, rope, key_mask, cache=None):
+        if self.parallel:
+            a = self.drop(self.attn(self.attn_norm(x), rope, key_mask, cache))
+            return x + a + self.drop(self.mlp(self.mlp_norm(x)))
+        if self.post_norm:
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, key_mask, cache)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, key_mask, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, E = cfg.hidden_size, cfg.embed_dim
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, E)
+        self.embed_positions = (nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, C)
+                                if cfg.positions == "learned" else None)
+        self.project_in = nn.Linear(E, C, bias=False) if E != C else None
+        self.drop = nn.Dropout(cfg.embd_dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg, C) if cfg.final_norm else None
+        self.project_out = nn.Linear(C, E, bias=False) if E != C else None
+        self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg) if cfg.positions == "rotary" else None
+        self.init_weights()
+        self.tie_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for models not loaded from a checkpoint (a no-op on the meta device)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def tie_weights(self) -> None:
+        """Point the head at the token embedding when the family ties them (call again after loading)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for input_ids (B, T).
+
+        attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached tokens
+        too. Positions count real tokens only, so left- and right-padded rows get the same positions
+        as unpadded ones (as transformers' generate() does).
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
+        """The features the head reads: (B, T, embed_dim), after the final norm."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
+                             f"(batch, cached {past} + new {T} tokens)")
+        if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        key_mask = attention_mask.bool()                                                 # (B, past + T)
+
+        x = self.embed_tokens(input_ids)                                                 # (B, T, E)
+        if self.project_in is not None:
+            x = self.project_in(x)                                                       # (B, T, C)
+        rope = None
+        if self.embed_positions is not None:
+            limit = self.cfg.max_position_embeddings
+            if int(position_ids.max()) >= limit:
+                raise ValueError(f"position {int(position_ids.max())} is beyond this model's "
+                                 f"max_position_embeddings={limit}")
+            x = x + self.embed_positions(position_ids + self.cfg.position_offset)
+        else:
+            rope = self.rotary(position_ids, x.dtype)
+        x = self.drop(x)
+        for block in self.layers:
+            x = block(x, rope, key_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
