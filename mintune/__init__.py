@@ -2,10 +2,15 @@
 
     model = mintune.load_model("hf_dir", dtype=torch.bfloat16, device="cuda")
     tok = mintune.load_tokenizer("hf_dir")
+    logits = model(input_ids, attention_mask=mask)            # (B, T, vocab)
     text = mintune.generate(model, tok, "prompt", max_new_tokens=50)
+    mintune.save_pretrained(model, "out/model")                # the family's own Hugging Face layout
 """
 from .config import ConfigError, ModelConfig
+from .generation import generate
 from .hf import CheckpointError, load_model, save_pretrained
 from .model import GPT, KVCache
+from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT", "KVCache"]
+__all__ = ["ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT", "KVCache",
+           "Tokenizer", "load_tokenizer", "generate"]

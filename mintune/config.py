@@ -6,10 +6,10 @@ Adding a family means adding a `_from_<family>` function below and a name map in
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from .files import read_json
 
 
 class ConfigError(ValueError):
@@ -113,7 +113,11 @@ class ModelConfig:
             raise FileNotFoundError(f"model directory {path} does not exist")
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} is missing: a Hugging Face model directory needs config.json")
-        cfg = ModelConfig.from_hf(read_json(cfg_file), str(cfg_file))
+        try:
+            hf = read_json(cfg_file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        cfg = ModelConfig.from_hf(hf, str(cfg_file))
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
             cfg.hf_generation = read_json(gen_file)
@@ -121,13 +125,6 @@ class ModelConfig:
                 if i not in cfg.eos_token_ids:
                     cfg.eos_token_ids.append(i)
         return cfg
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
 def _as_list(x) -> list[int]:

@@ -13,17 +13,16 @@ Nothing is ever unpickled: `pytorch_model.bin` checkpoints are refused with a me
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, read_json
+from .config import ModelConfig
+from .files import atomic_write, read_json, write_json
 from .model import GPT
 
 
@@ -159,13 +158,14 @@ def to_hf(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_FLOATS = {"F64", "F32", "F16", "BF16"}
+_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER = 100 * 2**20  # the safetensors format caps the JSON header at 100 MB
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Check a .safetensors file's structure without reading its data; return {tensor: {dtype, shape}}.
+    """Check a .safetensors file's structure without reading its data.
 
+    Returns {tensor: {"dtype", "shape", "start", "end"}}, start/end being absolute byte offsets.
     Catches what a partial download or a disk error leaves behind: a short file, a header that is not
     JSON, a tensor whose bytes run past the end of the file or disagree with its shape.
     """
@@ -204,8 +204,23 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         if not 0 <= start <= end or end - start != numel * itemsize:
             raise CheckpointError(f"{path}: corrupt: tensor {name!r} of shape {shape} and dtype {dtype} "
                                   f"should take {numel * itemsize} bytes, its offsets give {end - start}")
-        tensors[name] = {"dtype": dtype, "shape": tuple(int(d) for d in shape)}
+        tensors[name] = {"dtype": dtype, "shape": tuple(int(d) for d in shape),
+                         "start": 8 + n + start, "end": 8 + n + end}
     return tensors
+
+
+def read_tensor(f, info: dict) -> torch.Tensor:
+    """Read one tensor located by `read_safetensors_header` from the open file f into fresh memory.
+
+    Plain reads rather than a memory map: the weights then live in ordinary memory, one copy, and
+    nothing ties them to the file afterwards (it may be overwritten or deleted).
+    """
+    nbytes = info["end"] - info["start"]
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(info["start"])
+    if f.readinto(buf.numpy()) != nbytes:
+        raise CheckpointError(f"{f.name}: truncated while reading")
+    return buf.view(_FLOATS[info["dtype"]]).reshape(info["shape"])
 
 
 def weight_files(path: Path) -> dict[Path, list[str] | None]:
@@ -262,7 +277,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     wanted = {names.hf_param(n): n for n in params}
 
     # 1. check every file and name before reading any data
-    plan: list[tuple[Path, str, str]] = []  # (file, stored key, mintune name)
+    plan: list[tuple[Path, dict, str]] = []  # (file, where the tensor is, mintune name)
     for file, listed in weight_files(path).items():
         header = read_safetensors_header(file)
         for key in listed or []:
@@ -286,7 +301,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
             if info["shape"] != expected:
                 raise CheckpointError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
                                       f"implies {expected}")
-            plan.append((file, key, name))
+            plan.append((file, info, name))
         if unexpected:
             raise CheckpointError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:8])}"
                                   f"{' ...' if len(unexpected) > 8 else ''}: a {cfg.family} model with this "
@@ -297,13 +312,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
 
     # 2. read tensors one by one straight into place
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for file, key, name in plan:
-        by_file.setdefault(file, []).append((key, name))
+    by_file: dict[Path, list[tuple[dict, str]]] = {}
+    for file, info, name in plan:
+        by_file.setdefault(file, []).append((info, name))
     for file, items in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key, name in items:
-                t = to_mintune(names, cfg, name, f.get_tensor(key))
+        with open(file, "rb") as f:
+            for info, name in sorted(items, key=lambda item: item[0]["start"]):  # read front to back
+                t = to_mintune(names, cfg, name, read_tensor(f, info))
                 _assign(model, name, t.to(device=device, dtype=dtype).contiguous())
     model.tie_weights()
     return model.eval()
@@ -331,21 +346,6 @@ def _parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB' or '200MB'")
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temp_path), then rename onto `path`: a crash never leaves a half-written file there."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
 
 
 def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5GB") -> None:
@@ -382,7 +382,7 @@ def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5
             weight_map.update({k: fname for k in shard})
             written.append(fname)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(path / "model.safetensors.index.json",
+        write_json(path / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append("model.safetensors.index.json")
     # weights of an earlier save that the new ones replace would confuse a loader: remove them
@@ -395,6 +395,6 @@ def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5
     if "torch_dtype" in hf:
         hf["torch_dtype"] = dtype
     hf.setdefault("architectures", [ARCHITECTURES[cfg.family]])
-    _write_json(path / "config.json", hf)
+    write_json(path / "config.json", hf)
     if cfg.hf_generation:
-        _write_json(path / "generation_config.json", cfg.hf_generation)
+        write_json(path / "generation_config.json", cfg.hf_generation)

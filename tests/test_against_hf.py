@@ -8,7 +8,7 @@ import torch
 
 import mintune
 from mintune.generation import generate_ids
-from tiny_hf import EOS_ID, PAD_ID, TINY, make_hf_model, save_hf_model
+from tiny_hf import PAD_ID, TINY, make_hf_model, save_hf_model
 
 ATOL_FP32 = 1e-4  # the bound on |logit difference| in float32
 

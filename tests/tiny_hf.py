@@ -74,3 +74,32 @@ def save_hf_model(name: str, path, seed: int = 0, **save_kw):
     model = make_hf_model(name, seed)
     model.save_pretrained(path, **save_kw)
     return model
+
+
+def save_chat_model(path, seed: int = 0):
+    """A directory with a tiny ChatML tokenizer and a tiny Llama whose vocabulary matches it.
+
+    Returns the transformers model. The tokenizer's end-of-turn token <|im_end|> is the eos token.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from tiny_tokenizers import CHATML, chatml_backend
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    backend = chatml_backend()
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    eos = backend.token_to_id("<|im_end|>")
+    cfg = AutoConfig.for_model("llama", hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96, vocab_size=backend.get_vocab_size(),
+                               max_position_embeddings=256, initializer_range=0.2,
+                               bos_token_id=backend.token_to_id("<|begin_of_text|>"), eos_token_id=eos)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    return model

@@ -1,0 +1,57 @@
+"""Command line: generate text with a Hugging Face model directory.
+
+    python -m mintune.generate --model DIR --prompt "Once upon a time"
+    python -m mintune.generate --model DIR --chat --prompt "What is the capital of France?"
+
+The logic lives in generation.py (this file is only the command line, so that `mintune.generate`
+stays the function).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .generation import generate
+from .hf import load_model
+from .tokenizer import load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mintune.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--prompt", action="append", required=True,
+                    help="text to continue; give it several times for a batch")
+    ap.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    ap.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=50, help="most tokens to generate per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
+    ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    ap.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens of total mass p")
+    ap.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    args = ap.parse_args(argv)
+
+    try:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        tok = load_tokenizer(args.model)
+        prompts = args.prompt
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            prompts = [system + [{"role": "user", "content": p}] for p in prompts]
+        texts = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    except (OSError, ValueError) as e:  # bad directory, file, config or argument: the message says which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for text in texts:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
