@@ -6,11 +6,20 @@
     text = mintune.generate(model, tok, "prompt", max_new_tokens=50)
     mintune.save_pretrained(model, "out/model")                # the family's own Hugging Face layout
 """
+from pathlib import Path
+
 from .config import ConfigError, ModelConfig
 from .generation import generate
 from .hf import CheckpointError, load_model, save_pretrained
 from .model import GPT, KVCache
 from .tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT", "KVCache",
+
+
+def datasets_dir() -> Path:
+    """The folder of the datasets shipped with mintune (sentiment/, instructions/, quotes/)."""
+    return Path(__file__).parent / "datasets"
+
+
+__all__ = ["datasets_dir", "ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT", "KVCache",
            "Tokenizer", "load_tokenizer", "generate"]

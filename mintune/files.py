@@ -20,6 +20,17 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plainly created file (or directory) would get; temp files start private."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(temp_path) for a temp file beside `path`, then rename it onto `path`."""
     path = Path(path)
@@ -27,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

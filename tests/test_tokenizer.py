@@ -18,17 +18,11 @@ import torch
 from tokenizers import Tokenizer as Backend, models, pre_tokenizers
 
 from mintune.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
-from tiny_tokenizers import CHATML, chatml_backend, gpt2_backend, llama2_backend
+from tiny_tokenizers import CHATML, TRICKY_STRINGS, chatml_backend, gpt2_backend, llama2_backend
 
 import transformers  # noqa: E402  (the oracle; a test dependency)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-TRICKY = [
-    "Hello world", "12345 3.14", "a  b   c\t\td", "line one\n\nline two\n", "café naïve crème brûlée",
-    "🙂👍🏽 ok", "日本語のテキスト", "", " leading space", "   three leading", "trailing  ", "Ω≈√ unseen ÿ",
-    "x<|endoftext|>y", "<s>hi</s> there", "<|im_start|>user\nhi<|im_end|>\n", "mixed\t \n \t end",
-    "<|begin_of_text|>A<think>b</think>",
-]
 
 # bos_token, loop.first/last, loop controls, tojson, {% generation %}, None-valued keys, extra variables.
 FANCY = """{{ bos_token }}
@@ -147,7 +141,7 @@ def case(request, root):
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_encode_matches_transformers(case, add_special_tokens):
     _, hf, tok = case
-    for text in TRICKY:
+    for text in TRICKY_STRINGS:
         assert tok.encode(text, add_special_tokens=add_special_tokens) == \
             hf.encode(text, add_special_tokens=add_special_tokens), text
 
@@ -156,11 +150,11 @@ def test_encode_matches_transformers(case, add_special_tokens):
 def test_decode_matches_transformers(case, skip):
     _, hf, tok = case
     specials = [i for i in (hf.bos_token_id, hf.eos_token_id) if i is not None]
-    for text in TRICKY:
+    for text in TRICKY_STRINGS:
         ids = hf.encode(text)
         for seq in (ids, specials + ids + specials, ids[: len(ids) // 2] + specials + ids[len(ids) // 2:]):
             assert tok.decode(seq, skip_special_tokens=skip) == hf.decode(seq, skip_special_tokens=skip), seq
-    ids = hf.encode(TRICKY[4])
+    ids = hf.encode(TRICKY_STRINGS[4])
     assert tok.decode(torch.tensor(ids), skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
 
@@ -402,7 +396,7 @@ def test_save_round_trip(root, tmp_path, kind):
     saved = tmp_path / "out"
     assert sorted(p.name for p in saved.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]  # no temp files
     again, hf_again = load_tokenizer(saved), _hf(saved)
-    for text in TRICKY:
+    for text in TRICKY_STRINGS:
         for special in (True, False):
             expected = hf.encode(text, add_special_tokens=special)
             assert again.encode(text, add_special_tokens=special) == expected, text

@@ -46,6 +46,9 @@ TINY = {
                             tie_word_embeddings=True, use_sliding_window=True, sliding_window=4, max_window_layers=1,
                             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                              "original_max_position_embeddings": 32})),
+    "llama-gguf-shape": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=96, vocab_size=211,
+                                       max_position_embeddings=128)),
     "qwen3": ("qwen3", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             head_dim=16, intermediate_size=64, vocab_size=211, max_position_embeddings=128)),
 }
@@ -54,12 +57,12 @@ EOS_ID = 3
 PAD_ID = 0
 
 
-def make_hf_model(name: str, seed: int = 0):
-    """A transformers *ForCausalLM with random weights (float32, eval mode)."""
+def make_hf_model(name: str, seed: int = 0, **overrides):
+    """A transformers *ForCausalLM with random weights (float32, eval mode); overrides change the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kw = TINY[name]
-    kw = dict(kw, initializer_range=0.2, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    kw = dict(kw, initializer_range=0.2, bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **overrides)
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -15,6 +15,14 @@ CORPUS = [
     "Who's there? We're here, under the old bridge.",
 ]
 
+# Strings that tokenizers get wrong first: digits, whitespace runs, newlines, accents, emoji, CJK, special tokens.
+TRICKY_STRINGS = [
+    "Hello world", "12345 3.14", "a  b   c\t\td", "line one\n\nline two\n", "café naïve crème brûlée",
+    "🙂👍🏽 ok", "日本語のテキスト", "", " leading space", "   three leading", "trailing  ", "Ω≈√ unseen ÿ",
+    "x<|endoftext|>y", "<s>hi</s> there", "<|im_start|>user\nhi<|im_end|>\n", "mixed\t \n \t end",
+    "<|begin_of_text|>A<think>b</think>",
+]
+
 CHATML = """{%- for message in messages %}
     {%- if message.role not in ['system', 'user', 'assistant'] %}
         {{- raise_exception('Unknown role: ' + message.role) }}

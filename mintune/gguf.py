@@ -1,0 +1,414 @@
+"""GGUF files (llama.cpp's format) read from scratch, and converted to a Hugging Face model directory.
+
+    python -m mintune.gguf MODEL.gguf OUT_DIR       # any Llama-architecture GGUF -> config.json,
+                                                    # model.safetensors, tokenizer.json, ...
+
+Layout of a GGUF file (version 2 or 3, little-endian), https://github.com/ggml-org/ggml/blob/master/docs/gguf.md:
+
+    "GGUF" | version u32 | tensor count u64 | metadata count u64
+    metadata: (key: string, type: u32, value) ...      string = u64 length + UTF-8 bytes
+    tensor infos: (name: string, n_dims: u32, dims: u64 x n_dims, ggml type: u32, offset: u64) ...
+    padding to `general.alignment` (default 32), then the tensor data; offsets count from there.
+
+dims are listed innermost first, so a PyTorch (out, in) weight is stored with dims [in, out].
+Quantized types store blocks of 32 values, each with its own float16 scale d (and minimum m):
+
+    Q8_0: d, 32 x int8                   x = d * q
+    Q4_0: d, 16 bytes of 4-bit q         x = d * (q - 8)
+    Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
+    (4-bit: the low nibbles of the 16 bytes are values 0..15 of the block, the high nibbles 16..31)
+
+llama.cpp's converter reorders the rows of every q and k projection so that its rotary code can
+rotate adjacent pairs; `unpermute_qk` puts Hugging Face's "first half / second half" order back.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .files import default_mode, write_json
+
+
+class GGUFError(ValueError):
+    """A GGUF file mintune cannot read or convert (the message names the file and the problem)."""
+
+
+# ggml tensor types: id -> (name, values per block, bytes per block); only these are dequantized here
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
+              8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20)}
+# names of the others, for error messages
+OTHER_GGML_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+                    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+                    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64",
+                    28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+# metadata value types: id -> struct format of a scalar (8 = string, 9 = array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    type_id: int
+    shape: tuple[int, ...]  # PyTorch order (outermost first)
+    start: int              # absolute byte offset in the file
+    nbytes: int | None      # None for types mintune cannot dequantize
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.type_id][0] if self.type_id in GGML_TYPES else OTHER_GGML_TYPES.get(
+            self.type_id, f"unknown type {self.type_id}")
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict
+    tensors: dict[str, GGUFTensor]
+
+
+class _Reader:
+    """Sequential little-endian reads that fail with the file's name when the file ends too early."""
+
+    def __init__(self, f, path: Path, size: int):
+        self.f, self.path, self.size = f, path, size
+
+    def take(self, n: int, what: str) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise GGUFError(f"{self.path}: truncated: the file ends inside {what} (at byte {self.f.tell()} "
+                            f"of {self.size})")
+        return data
+
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", what)
+        if n > self.size:
+            raise GGUFError(f"{self.path}: corrupt: {what} claims a string of {n} bytes")
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self.path}: corrupt: {what} is not UTF-8") from None
+
+    def value(self, type_id: int, what: str):
+        if type_id in _SCALARS:
+            return self.scalar(_SCALARS[type_id], what)
+        if type_id == 8:
+            return self.string(what)
+        if type_id == 9:
+            item_type, n = self.scalar("<I", what), self.scalar("<Q", what)
+            if n > self.size:
+                raise GGUFError(f"{self.path}: corrupt: {what} claims an array of {n} items")
+            if item_type in _SCALARS:  # one read for the whole array
+                fmt = _SCALARS[item_type]
+                return list(struct.unpack(f"<{n}{fmt[1]}", self.take(n * struct.calcsize(fmt), what)))
+            return [self.value(item_type, what) for _ in range(n)]
+        raise GGUFError(f"{self.path}: corrupt: {what} has unknown value type {type_id}")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Read the header, metadata and tensor table of a GGUF file (not the tensor data)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _Reader(f, path, size)
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
+        version = r.scalar("<I", "the header")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
+        n_tensors, n_kv = r.scalar("<Q", "the header"), r.scalar("<Q", "the header")
+        if n_tensors > size or n_kv > size:
+            raise GGUFError(f"{path}: corrupt header: {n_tensors} tensors and {n_kv} metadata entries claimed")
+        metadata = {}
+        for i in range(n_kv):
+            key = r.string(f"metadata entry {i}")
+            metadata[key] = r.value(r.scalar("<I", f"metadata {key!r}"), f"metadata {key!r}")
+        infos = []
+        for i in range(n_tensors):
+            name = r.string(f"tensor info {i}")
+            n_dims = r.scalar("<I", f"tensor info {name!r}")
+            if n_dims > 8:
+                raise GGUFError(f"{path}: corrupt: tensor {name!r} claims {n_dims} dimensions")
+            dims = [r.scalar("<Q", f"tensor info {name!r}") for _ in range(n_dims)]
+            type_id, offset = r.scalar("<I", f"tensor info {name!r}"), r.scalar("<Q", f"tensor info {name!r}")
+            infos.append((name, tuple(reversed(dims)), type_id, offset))
+        alignment = metadata.get("general.alignment", 32)
+        data_start = -(-f.tell() // alignment) * alignment  # round up to the alignment
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = None
+        if type_id in GGML_TYPES:
+            _, block, block_bytes = GGML_TYPES[type_id]
+            if numel % block:
+                raise GGUFError(f"{path}: corrupt: tensor {name!r} has {numel} values, not a multiple of the "
+                                f"{block}-value blocks of {GGML_TYPES[type_id][0]}")
+            nbytes = numel // block * block_bytes
+            if data_start + offset + nbytes > size:
+                raise GGUFError(f"{path}: truncated: tensor {name!r} needs bytes up to "
+                                f"{data_start + offset + nbytes}, the file has {size}")
+        tensors[name] = GGUFTensor(name, type_id, shape, data_start + offset, nbytes)
+    return GGUFFile(path, version, metadata, tensors)
+
+
+def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes (uint8) of one tensor -> float32 tensor of `shape`."""
+    name = GGML_TYPES[type_id][0]
+    if name == "F32":
+        return raw.view(torch.float32).reshape(shape).clone()
+    if name in ("F16", "BF16"):
+        return raw.view(torch.float16 if name == "F16" else torch.bfloat16).float().reshape(shape)
+    _, block, block_bytes = GGML_TYPES[type_id]
+    blocks = raw.view(-1, block_bytes)                                  # (n_blocks, bytes per block)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()         # (n_blocks, 1) scale
+    if name == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()         # (n_blocks, 32)
+        return (d * q).reshape(shape)
+    packed = blocks[:, -16:]                                            # (n_blocks, 16) two values per byte
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1)                  # (n_blocks, 32) values 0..15
+    if name == "Q4_0":
+        return (d * (q.float() - 8.0)).reshape(shape)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()         # Q4_1: (n_blocks, 1) minimum
+    return (d * q.float() + m).reshape(shape)
+
+
+def read_tensor(g: GGUFFile, name: str) -> torch.Tensor:
+    """One tensor of the file, dequantized to float32, in PyTorch's shape."""
+    t = g.tensors[name]
+    if t.nbytes is None:
+        raise GGUFError(f"{g.path}: tensor {name!r} has quantization type {t.type_name}; mintune dequantizes "
+                        f"{', '.join(n for n, _, _ in GGML_TYPES.values())}")
+    raw = torch.empty(t.nbytes, dtype=torch.uint8)
+    with open(g.path, "rb") as f:
+        f.seek(t.start)
+        f.readinto(raw.numpy())
+    return dequantize(raw, t.type_id, t.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's row order for a q or k projection (n_head * head_dim rows; bias too).
+
+    llama.cpp stores, within each head, rows [r0, r_half, r1, r_half+1, ...] (pairs side by side);
+    Hugging Face keeps [r0, r1, ..., r_half-1, r_half, ...] (first halves, then second halves).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------- conversion to Hugging Face
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_tensor_name(g: GGUFFile, name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    raise GGUFError(f"{g.path}: tensor {name!r} has no counterpart in a Hugging Face Llama model")
+
+
+def _f32(x: float) -> float:
+    """A float32 from the metadata as the shortest decimal that reads back as it (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(x)))
+
+
+def hf_config(g: GGUFFile) -> dict:
+    """config.json of the Hugging Face Llama model this GGUF file holds."""
+    md = g.metadata
+    arch = md.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{g.path}: architecture {arch!r} is not supported: mintune converts llama-architecture "
+                        "GGUF files (Llama, SmolLM, and others that llama.cpp stores as 'llama')")
+
+    def need(key):
+        if f"llama.{key}" not in md:
+            raise GGUFError(f"{g.path}: metadata 'llama.{key}' is missing")
+        return md[f"llama.{key}"]
+
+    n_head = need("attention.head_count")
+    hidden = need("embedding_length")
+    head_dim = md.get("llama.attention.key_length", md.get("llama.rope.dimension_count", hidden // n_head))
+    if head_dim != md.get("llama.rope.dimension_count", head_dim):
+        raise GGUFError(f"{g.path}: partial rotary (rope.dimension_count < head size) is not supported")
+    if "rope_freqs.weight" in g.tensors:
+        raise GGUFError(f"{g.path}: rope scaling stored as a rope_freqs tensor (Llama 3.1 style) is not supported")
+    tokens = md.get("tokenizer.ggml.tokens")
+    vocab = md.get("llama.vocab_size") or (len(tokens) if tokens else g.tensors["token_embd.weight"].shape[0])
+    cfg = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"), "num_attention_heads": n_head,
+        "num_key_value_heads": md.get("llama.attention.head_count_kv", n_head), "head_dim": head_dim,
+        "max_position_embeddings": md.get("llama.context_length", 2048),
+        "rms_norm_eps": _f32(md.get("llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(md.get("llama.rope.freq_base", 10000.0)), "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors, "mlp_bias": False, "torch_dtype": "float32",
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"), "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
+    }
+    scaling = md.get("llama.rope.scaling.type", "none")
+    if scaling == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(md["llama.rope.scaling.factor"])}
+    elif scaling == "yarn":
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": float(md["llama.rope.scaling.factor"]),
+                               "original_max_position_embeddings": md["llama.rope.scaling.original_context_length"]}
+    elif scaling != "none":
+        raise GGUFError(f"{g.path}: rope scaling type {scaling!r} is not supported")
+    return cfg
+
+
+# Split patterns by `tokenizer.ggml.pre` for vocabularies not split the GPT-2 way (these regular
+# expressions are the ones the models' own tokenizers were trained with); byte-level encoding follows.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_GPT2_LIKE = ("default", "gpt2", "smollm")
+
+
+def _pre_tokenizer(g: GGUFFile):
+    pre = g.metadata.get("tokenizer.ggml.pre", "default")
+    if pre in _GPT2_LIKE:  # GPT-2's own pattern, built into ByteLevel
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre == "smollm":  # SmolLM first splits every digit on its own
+            return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        return byte_level
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise GGUFError(f"{g.path}: pre-tokenizer {pre!r} is not supported "
+                    f"(supported: {', '.join(_GPT2_LIKE + tuple(_SPLITS))})")
+
+
+def hf_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
+    """The byte-level BPE tokenizer described by the metadata, and its tokenizer_config.json."""
+    md = g.metadata
+    kind = md.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"{g.path}: tokenizer model {kind!r} is not supported: mintune rebuilds byte-level BPE "
+                        "tokenizers ('gpt2'); SentencePiece ('llama') vocabularies are not converted")
+    tokens, merges = md.get("tokenizer.ggml.tokens"), md.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise GGUFError(f"{g.path}: metadata tokenizer.ggml.tokens / tokenizer.ggml.merges is missing")
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = _pre_tokenizer(g)
+    tok.decoder = decoders.ByteLevel()
+    # token types: 3 = control (special tokens such as <|im_end|>), 4 = user-defined (added, not special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+
+    def token(key):
+        i = md.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    add_bos, add_eos = md.get("tokenizer.ggml.add_bos_token", False), md.get("tokenizer.ggml.add_eos_token", False)
+    if (add_bos and bos) or (add_eos and eos):
+        b, e = (f"{bos} " if add_bos else ""), (f" {eos}" if add_eos else "")
+        specials = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        steps.append(processors.TemplateProcessing(single=f"{b}$A{e}", pair=f"{b}$A{e} {b}$B:1{e}",
+                                                   special_tokens=specials))
+    tok.post_processor = processors.Sequence(steps)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
+              "model_max_length": md.get("llama.context_length", 2048)}
+    config = {k: v for k, v in config.items() if v is not None}
+    if "tokenizer.chat_template" in md:
+        config["chat_template"] = md["tokenizer.chat_template"]
+    return tok, config
+
+
+def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a Hugging Face Llama directory for a GGUF file; weights dequantized to float32.
+
+    Everything is written into a temporary directory beside out_dir and renamed at the end, so out_dir
+    either does not exist or is complete.
+    """
+    g, out = read_gguf(gguf_path), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    cfg = hf_config(g)
+    tok, tok_cfg = hf_tokenizer(g)
+    for t in g.tensors.values():  # fail before writing anything
+        hf_tensor_name(g, t.name)
+        if t.nbytes is None:
+            read_tensor(g, t.name)  # raises the unsupported-type error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        tensors = {}
+        for name in g.tensors:
+            w = read_tensor(g, name)
+            if name.split(".")[-2:-1] == ["attn_q"]:
+                w = unpermute_qk(w, cfg["num_attention_heads"])
+            elif name.split(".")[-2:-1] == ["attn_k"]:
+                w = unpermute_qk(w, cfg["num_key_value_heads"])
+            tensors[hf_tensor_name(g, name)] = w.contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", default_mode())
+        write_json(tmp / "config.json", cfg)
+        write_json(tmp / "generation_config.json", {k: cfg[k] for k in ("bos_token_id", "eos_token_id")
+                                                    if cfg[k] is not None})
+        tok.save(str(tmp / "tokenizer.json"))
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
+        if out.exists():  # overwrite: the old directory goes only once the new one is complete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mintune.gguf",
+                                 description="Convert a Llama-architecture GGUF file to a Hugging Face directory.")
+    ap.add_argument("gguf", help="the .gguf file")
+    ap.add_argument("out", help="the directory to create")
+    ap.add_argument("--overwrite", action="store_true", help="replace the directory if it exists")
+    args = ap.parse_args(argv)
+    try:
+        print(convert(args.gguf, args.out, overwrite=args.overwrite))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

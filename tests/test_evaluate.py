@@ -1,0 +1,44 @@
+"""Perplexity against transformers' own language-model loss, and the evaluate command line."""
+import math
+import subprocess
+import sys
+
+import torch
+
+import mintune
+from mintune.evaluate import perplexity, token_nll
+from tiny_hf import save_chat_model
+
+
+def test_token_nll_matches_transformers_loss(tmp_path):
+    hf = save_chat_model(tmp_path)
+    model, tok = mintune.load_model(tmp_path), mintune.load_tokenizer(tmp_path)
+    texts = ["The tram rattles down the hill.", "Numbers like 2024 appear in ledgers, receipts and old diaries.",
+             "Who's there?", "x"]
+    expected_nll, expected_n = 0.0, 0
+    for t in texts:  # one text at a time, unpadded: transformers' mean loss times the predicted tokens
+        ids = torch.tensor([tok.encode(t)])
+        if ids.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            loss = hf(input_ids=ids, labels=ids).loss.item()
+        expected_nll += loss * (ids.shape[1] - 1)
+        expected_n += ids.shape[1] - 1
+    nll, n = token_nll(model, [tok.encode(t) for t in texts], batch_size=3)  # padded batches
+    assert n == expected_n
+    assert abs(nll - expected_nll) <= 1e-4 * expected_nll
+    assert math.isclose(perplexity(model, tok, texts, batch_size=2), math.exp(expected_nll / expected_n), rel_tol=1e-5)
+
+
+def test_command_line(tmp_path):
+    save_chat_model(tmp_path / "m")
+    model, tok = mintune.load_model(tmp_path / "m"), mintune.load_tokenizer(tmp_path / "m")
+    rows = ["Small robots wave at passers-by.", "She said: don't forget the umbrella!"]
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "{r}"}}\n' for r in rows))
+    out = subprocess.run([sys.executable, "-m", "mintune.evaluate", "--model", str(tmp_path / "m"), "--data",
+                          str(tmp_path / "d.jsonl")], capture_output=True, text=True, check=True)
+    assert f"perplexity {perplexity(model, tok, rows):.3f}" in out.stdout
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    out = subprocess.run([sys.executable, "-m", "mintune.evaluate", "--model", str(tmp_path / "m"), "--data",
+                          str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert out.returncode == 2 and "bad.jsonl line 2" in out.stderr
