@@ -93,7 +93,7 @@ def gguf_name(name: str) -> str:
     return f"{HF_TO_GGUF[module]}.{param}"
 
 
-def write_tiny_llama_gguf(path, arch="llama"):
+def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2"):
     """A tiny Llama + byte-level tokenizer as llama.cpp would store it; returns (hf model with the
     dequantized weights, tokenizer backend)."""
     tok = gpt2_backend()
@@ -110,7 +110,7 @@ def write_tiny_llama_gguf(path, arch="llama"):
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.head_dim)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("default")
     spec = json.loads(tok.to_str())
     tokens = [tok.id_to_token(i) for i in range(V)]
@@ -218,4 +218,11 @@ def test_architecture_other_than_llama(tmp_path):
     write_tiny_llama_gguf(tmp_path / "g.gguf", arch="gpt2")
     with pytest.raises(GGUFError, match=r"g\.gguf: architecture 'gpt2' is not supported"):
         convert(tmp_path / "g.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sentencepiece_vocabulary_is_refused_clearly(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "sp.gguf", tokenizer_model="llama")
+    with pytest.raises(GGUFError, match=r"sp\.gguf: tokenizer model 'llama' is not supported"):
+        convert(tmp_path / "sp.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
