@@ -9,9 +9,15 @@
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig
+from .adapters import apply_adapters
 from .generation import generate
+from .heads import add_classification_head, classify, fit_classification_head
 from .hf import CheckpointError, load_model, save_pretrained
+from .lora import apply_lora, merge_lora, unmerge_lora
+from .methods import (apply_method, check_gradient_flow, freeze_partial, full_finetune, load_adapter,
+                      print_trainable_parameters, save_adapter)
 from .model import GPT, KVCache
+from .prompts import apply_prefix_tuning, apply_prompt_tuning
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -21,5 +27,10 @@ def datasets_dir() -> Path:
     return Path(__file__).parent / "datasets"
 
 
-__all__ = ["datasets_dir", "ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT", "KVCache",
-           "Tokenizer", "load_tokenizer", "generate"]
+__all__ = [
+    "datasets_dir", "ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT",
+    "KVCache", "Tokenizer", "load_tokenizer", "generate",
+    "apply_method", "full_finetune", "freeze_partial", "apply_lora", "merge_lora", "unmerge_lora",
+    "apply_prompt_tuning", "apply_prefix_tuning", "apply_adapters", "add_classification_head", "classify",
+    "fit_classification_head", "print_trainable_parameters", "check_gradient_flow", "save_adapter", "load_adapter",
+]

@@ -61,14 +61,16 @@ def generate_ids(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tens
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     cfg = model.cfg
-    if cfg.positions == "learned" and int(mask.sum(-1).max()) + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {int(mask.sum(-1).max())} tokens + {max_new_tokens} new tokens exceeds "
+    n_virtual = model.prompt.n_tokens if model.prompt is not None else 0  # a soft prompt's tokens, cached too
+    longest = int(mask.sum(-1).max()) + n_virtual
+    if cfg.positions == "learned" and longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
                          f"this model's max_position_embeddings={cfg.max_position_embeddings}")
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=input_ids.device)
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(cfg.n_layer, T + max_new_tokens) if use_cache else None
+        cache = KVCache(cfg.n_layer, n_virtual + T + max_new_tokens) if use_cache else None
         seq, out = input_ids, []
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = model.lm_head(model.hidden_states(seq, mask, cache=cache)[:, -1])  # prefill: (B, V)

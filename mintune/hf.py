@@ -132,14 +132,25 @@ def _block_module(name: str) -> str | None:
     return m.group(1) if m else None
 
 
+def qkv_rows_to_mintune(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX's fused qkv rows, head by head [q_h; k_h; v_h], -> mintune's [q; k; v] (weight, bias, LoRA B)."""
+    H, hd = cfg.n_head, cfg.head_dim
+    return t.reshape(H, 3, hd, -1).transpose(0, 1).reshape(t.shape)
+
+
+def qkv_rows_to_hf(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `qkv_rows_to_mintune`."""
+    H, hd = cfg.n_head, cfg.head_dim
+    return t.reshape(3, H, hd, -1).transpose(0, 1).reshape(t.shape)
+
+
 def to_mintune(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """A stored HF tensor -> mintune's layout (transposed Conv1D, fused qkv as [q; k; v])."""
     module = _block_module(name)
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
-        H, hd = cfg.n_head, cfg.head_dim
-        return t.reshape(H, 3, hd, -1).transpose(0, 1).reshape(t.shape)  # (3, H, hd, ...) -> rows [q; k; v]
+        return qkv_rows_to_mintune(cfg, t)
     return t
 
 
@@ -149,9 +160,14 @@ def to_hf(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
-        H, hd = cfg.n_head, cfg.head_dim
-        return t.reshape(3, H, hd, -1).transpose(0, 1).reshape(t.shape)  # rows head by head [q_h; k_h; v_h]
+        return qkv_rows_to_hf(cfg, t)
     return t
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter or module name with the `.base` steps of method wrappers (LoRA, adapters) removed:
+    'layers.0.attn.q_proj.base.weight' -> 'layers.0.attn.q_proj.weight'."""
+    return re.sub(r"(^|\.)base(?=\.|$)", "", name).lstrip(".")
 
 
 # --------------------------------------------------------------------------- safetensors files
@@ -321,6 +337,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
                 t = to_mintune(names, cfg, name, read_tensor(f, info))
                 _assign(model, name, t.to(device=device, dtype=dtype).contiguous())
     model.tie_weights()
+    model.name_or_path = str(path)
     return model.eval()
 
 
@@ -333,10 +350,15 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- saving
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights under the family's own names and layouts (a tied head is left out, as HF does)."""
+    """The model's base weights under the family's own names and layouts (a tied head is left out, as HF
+    does; the parameters of fine-tuning methods are left out too: merge LoRA first to keep its effect)."""
     names = NAME_MAPS[model.cfg.family]
-    return {names.hf_param(n): to_hf(names, model.cfg, n, p.detach()).contiguous()
-            for n, p in model.named_parameters()}
+    out = {}
+    for n, p in model.named_parameters():
+        n = strip_wrappers(n)
+        if n in model.base_param_names:
+            out[names.hf_param(n)] = to_hf(names, model.cfg, n, p.detach()).contiguous()
+    return out
 
 
 def _parse_size(size: int | str) -> int:

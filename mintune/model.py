@@ -191,6 +191,7 @@ class Attention(nn.Module):
         self.scale = scale / (layer_idx + 1) if cfg.attn_scale_by_layer else scale
         self.window = cfg.layer_windows[layer_idx]
         self.dropout = cfg.attn_dropout
+        self.prefix = None  # prefix tuning installs a module here
 
     def forward(self, x, rope, key_mask, cache: KVCache | None):
         B, T, C = x.shape
@@ -208,6 +209,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)    # (B, n_kv_head, S, hd), S = past + T
+        if self.prefix is not None:  # prefix tuning (prompts.py): learned keys/values before every sequence
+            k, v, key_mask = self.prefix(k, v, key_mask)
         y = ops.attention(q, k, v, scale=self.scale, causal=True, key_mask=key_mask, window=self.window,
                           dropout_p=self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, n_head * hd)
@@ -267,8 +270,13 @@ class GPT(nn.Module):
         self.project_out = nn.Linear(C, E, bias=False) if E != C else None
         self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg) if cfg.positions == "rotary" else None
+        self.prompt = None  # prompt tuning installs a soft prompt here
+        self.head = None    # a classification head (heads.py) goes here
+        self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
         self.init_weights()
         self.tie_weights()
+        # names of the model's own parameters (a tied head counts once), before any method adds its own
+        self.base_param_names = frozenset(n for n, _ in self.named_parameters())
 
     def init_weights(self, std: float = 0.02) -> None:
         """Random init for models not loaded from a checkpoint (a no-op on the meta device)."""
@@ -294,19 +302,34 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache))
 
     def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
-        """The features the head reads: (B, T, embed_dim), after the final norm."""
+        """The features the head reads: (B, T, embed_dim), after the final norm.
+
+        With a soft prompt (prompt tuning, prompts.py) its n virtual tokens go in front of the
+        sequence, at positions 0..n-1, on the first forward of a sequence (later decoding steps find
+        them in the KV cache); their outputs are dropped, so there is still one row per input token.
+        """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        n_virtual = self.prompt.n_tokens if self.prompt is not None else 0
+        past = cache.length if cache is not None else 0   # cached positions, virtual ones included
+        prepend = n_virtual > 0 and past == 0
+        real_past = past - n_virtual if n_virtual and past else past
         if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
-                             f"(batch, cached {past} + new {T} tokens)")
+            attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, real_past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{(B, real_past + T)} (batch, cached {real_past} + new {T} tokens)")
+        if n_virtual:
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be given to a model with a soft prompt")
+            ones = attention_mask.new_ones(B, n_virtual)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)                   # (B, n + real_past + T)
         if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T or n + T)
         key_mask = attention_mask.bool()                                                 # (B, past + T)
 
         x = self.embed_tokens(input_ids)                                                 # (B, T, E)
+        if prepend:
+            x = torch.cat([self.prompt(B).to(x.dtype), x], dim=1)                       # (B, n + T, E)
         if self.project_in is not None:
             x = self.project_in(x)                                                       # (B, T, C)
         rope = None
@@ -322,7 +345,9 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, rope, key_mask, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(x.shape[1])
+        if prepend:
+            x = x[:, n_virtual:]                                                         # (B, T, C)
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:
