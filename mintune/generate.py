@@ -2,6 +2,7 @@
 
     python -m mintune.generate --model DIR --prompt "Once upon a time"
     python -m mintune.generate --model DIR --chat --prompt "What is the capital of France?"
+    python -m mintune.generate --model DIR --adapter out/adapter --prompt "..."
 
 The logic lives in generation.py (this file is only the command line, so that `mintune.generate`
 stays the function).
@@ -15,6 +16,7 @@ import torch
 
 from .generation import generate
 from .hf import load_model
+from .methods import load_adapter
 from .tokenizer import load_tokenizer
 
 
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--adapter", default=None, help="a saved adapter to apply (peft's layout or mintune's)")
     ap.add_argument("--prompt", action="append", required=True,
                     help="text to continue; give it several times for a batch")
     ap.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
+        if args.adapter:
+            load_adapter(model, args.adapter)
         tok = load_tokenizer(args.model)
         prompts = args.prompt
         if args.chat:

@@ -80,3 +80,20 @@ def test_command_line_bad_directory(tmp_path):
                           "--prompt", "hi"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "error:" in out.stderr and "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_command_line_with_an_adapter(chat_dir, tmp_path):
+    path, _ = chat_dir
+    model, tok = mintune.load_model(path), mintune.load_tokenizer(path)
+    mintune.apply_lora(model, r=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    mintune.save_adapter(model, tmp_path / "adapter")
+    want = mintune.generate(model, tok, PROMPTS[0], max_new_tokens=10)
+    assert want != mintune.generate(mintune.load_model(path), tok, PROMPTS[0], max_new_tokens=10)
+    out = subprocess.run([sys.executable, "-m", "mintune.generate", "--model", str(path), "--adapter",
+                          str(tmp_path / "adapter"), "--prompt", PROMPTS[0], "--max-new-tokens", "10"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout == want + "\n"
