@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .hf import load_model
+from .loss import IGNORE, lm_loss_sum
 from .model import GPT
 from .tokenizer import load_tokenizer
 
@@ -44,11 +44,8 @@ def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
             for j, r in enumerate(rows):
                 ids[j, :len(r)] = torch.tensor(r, device=device)
                 mask[j, :len(r)] = 1
-            logits = model(ids, mask)[:, :-1].float()             # (B, T-1, V): predictions for tokens 1..T-1
-            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += int((targets != -100).sum())
+            loss, n = lm_loss_sum(model, ids, mask, ids.masked_fill(mask == 0, IGNORE))
+            total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)
     return total, count
@@ -109,3 +106,138 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- evaluation during training
+
+def _batches(examples, batch_size):
+    for i in range(0, len(examples), batch_size):
+        yield examples[i:i + batch_size]
+
+
+@torch.no_grad()
+def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
+    """Mean loss over the labelled tokens (or the rows, for a classification head) and its perplexity."""
+    from .data import collate
+    from .loss import class_loss_sum
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = model.embed_tokens.weight.device
+    try:
+        for chunk in _batches(examples, batch_size):
+            b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            if "class_labels" in b and chunk[0].choices is None:
+                loss, n = class_loss_sum(model, b["input_ids"], b["attention_mask"], b["class_labels"])
+            else:
+                loss, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            total, count = total + loss.item(), count + n
+    finally:
+        model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def predict_classes(model: GPT, examples, pad_id: int, batch_size: int = 8) -> list[int]:
+    """The predicted class of every classification example: from the head, or, for label-word examples,
+    the label whose response tokens (EOS included) the model finds most likely after the prompt."""
+    return class_scores(model, examples, pad_id, batch_size).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def class_scores(model: GPT, examples, pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """(N, classes): the head's logits, or log p(label's response tokens | prompt) for label-word examples."""
+    from .data import collate
+    from .heads import classify
+
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    try:
+        if examples[0].choices is None:
+            out = []
+            for chunk in _batches(examples, batch_size):
+                b = collate(chunk, pad_id)
+                out.append(classify(model, b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
+            return torch.cat(out)
+        # the prompt goes through the model once, into a KV cache; each label's response tokens then
+        # continue from it (the cache is rewound to the prompt before the next label)
+        from .model import KVCache
+
+        k = len(examples[0].choices)
+        scores = torch.empty(len(examples), k)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            prompts = [e.input_ids[:e.prompt_len] for e in chunk]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            longest = max(len(c) for e in chunk for c in e.choices)
+            cache = KVCache(model.cfg.n_layer, width + longest + (model.prompt.n_tokens if model.prompt else 0))
+            first = torch.log_softmax(model.lm_head(model.hidden_states(ids, mask, cache=cache)[:, -1]).float(), -1)
+            prompt_len = cache.length
+            for c in range(k):
+                answers = [e.choices[c] for e in chunk]
+                L = max(map(len, answers))
+                cont = torch.tensor([a + [pad_id] * (L - len(a)) for a in answers], device=device)
+                cmask = torch.tensor([[1] * len(a) + [0] * (L - len(a)) for a in answers], device=device)
+                total = first.gather(-1, cont[:, :1]).squeeze(-1)                 # the answer's first token
+                if L > 1:
+                    cache.length = prompt_len
+                    h = model.hidden_states(cont[:, :-1], torch.cat([mask, cmask[:, :-1]], 1), cache=cache)
+                    logp = torch.log_softmax(model.lm_head(h).float(), -1)      # (B, L-1, V)
+                    rest = logp.gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1) * cmask[:, 1:]
+                    total = total + rest.sum(-1)                                 # log p(answer | prompt)
+                scores[start:start + len(chunk), c] = total.cpu()
+        return scores
+    finally:
+        model.train(was_training)
+
+
+def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) -> dict:
+    """Accuracy, macro precision / recall / F1 and the confusion matrix (rows: true label, columns:
+    predicted label)."""
+    k = len(labels)
+    confusion = [[0] * k for _ in range(k)]
+    for p, g in zip(pred, gold):
+        confusion[g][p] += 1
+    precision, recall, f1 = [], [], []
+    for c in range(k):
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(k))
+        actual = sum(confusion[c])
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {"accuracy": sum(confusion[c][c] for c in range(k)) / max(len(gold), 1),
+            "precision": sum(precision) / k, "recall": sum(recall) / k, "macro_f1": sum(f1) / k,
+            "confusion": confusion}
+
+
+@torch.no_grad()
+def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: int | None = None) -> dict:
+    """Greedy answers to the prompts of instruction examples, compared (stripped) with the references."""
+    from .generation import generate_ids
+
+    device = model.embed_tokens.weight.device
+    stops = set(tok.stop_ids) | set(model.cfg.eos_token_ids)
+    hits, samples = 0, []
+    for chunk in _batches(examples, batch_size):
+        prompts = [e.input_ids[:e.prompt_len] for e in chunk]
+        refs = [tok.decode([t for t in e.input_ids[e.prompt_len:] if t not in stops], skip_special_tokens=True)
+                for e in chunk]
+        limit = max_new_tokens or max(len(e.input_ids) - e.prompt_len for e in chunk) + 8
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = generate_ids(model, ids, mask, max_new_tokens=limit, eos_ids=stops, pad_id=tok.pad_id)
+        for row, ref in zip(out.tolist(), refs):
+            end = next((j for j, t in enumerate(row) if t in stops), len(row))
+            answer = tok.decode(row[:end], skip_special_tokens=True)
+            hits += answer.strip() == ref.strip()
+            if len(samples) < 3:
+                samples.append({"answer": answer.strip(), "reference": ref.strip()})
+    return {"exact_match": hits / max(len(examples), 1), "samples": samples}

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .checkpoint import checkpoint_block
 from .config import ModelConfig
 
 ACTIVATIONS = {
@@ -272,6 +273,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg) if cfg.positions == "rotary" else None
         self.prompt = None  # prompt tuning installs a soft prompt here
         self.head = None    # a classification head (heads.py) goes here
+        self.checkpoint_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
         self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
         self.init_weights()
         self.tie_weights()
@@ -342,8 +344,11 @@ class GPT(nn.Module):
         else:
             rope = self.rotary(position_ids, x.dtype)
         x = self.drop(x)
-        for block in self.layers:
-            x = block(x, rope, key_mask, cache)
+        for i, block in enumerate(self.layers):
+            if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
+                x = checkpoint_block(block, x, rope, key_mask)  # recomputed in backward (checkpoint.py)
+            else:
+                x = block(x, rope, key_mask, cache)
         if cache is not None:
             cache.advance(x.shape[1])
         if prepend:

@@ -11,7 +11,8 @@ by a small MLP from a learned table, which makes them easier to optimise.
 Prefix tuning (Li & Liang 2021, https://arxiv.org/abs/2101.00190): every attention layer gets n
 learned keys and values in front of the sequence's own; every query may attend to them. They are
 not rotated (they have no position) and live outside the KV cache, so generation needs nothing
-special. Initialised from the keys/values the model itself computes for a text, or randomly.
+special. Initialised from the keys/values the model itself computes for a text, or for randomly
+drawn vocabulary tokens, so that they start at the scale of real keys and values.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def _freeze_base(model: GPT) -> None:
     for name, p in model.named_parameters():
         if strip_wrappers(name) in model.base_param_names:
             p.requires_grad_(False)
+
+
+def _random_ids(model: GPT, n: int) -> list[int]:
+    """n vocabulary tokens drawn at random (with torch's global generator: seeded runs repeat)."""
+    return torch.randint(0, model.cfg.vocab_size, (n,)).tolist()
 
 
 def _init_ids(tok, text: str, n: int) -> list[int]:
@@ -44,7 +50,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, n_tokens: int, dim: int, encoder_hidden: int | None = None):
         super().__init__()
         self.n_tokens = n_tokens
-        self.embedding = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
+        self.embedding = nn.Parameter(torch.zeros(n_tokens, dim))  # filled by apply_prompt_tuning
         self.encoder = None
         if encoder_hidden:
             self.encoder = nn.Sequential(nn.Linear(dim, encoder_hidden), nn.ReLU(),
@@ -67,10 +73,9 @@ def apply_prompt_tuning(model: GPT, n_tokens: int = 20, init_text: str | None = 
                          "they pass through an MLP first, so leave init_text out")
     emb = model.embed_tokens.weight
     prompt = SoftPrompt(n_tokens, emb.shape[1], encoder_hidden).to(emb.device)
-    if init_text is not None:
-        with torch.no_grad():
-            ids = torch.tensor(_init_ids(tokenizer, init_text, n_tokens), device=emb.device)
-            prompt.embedding.copy_(emb[ids].float())
+    ids = _init_ids(tokenizer, init_text, n_tokens) if init_text is not None else _random_ids(model, n_tokens)
+    with torch.no_grad():
+        prompt.embedding.copy_(emb[torch.tensor(ids, device=emb.device)].float())
     _freeze_base(model)
     model.prompt = prompt.train(model.training)
     model.methods["prompt_tuning"] = {"n_tokens": n_tokens, "encoder_hidden": encoder_hidden,
@@ -84,8 +89,8 @@ class Prefix(nn.Module):
     def __init__(self, n_tokens: int, n_kv_head: int, head_dim: int):
         super().__init__()
         self.n_tokens = n_tokens
-        self.k = nn.Parameter(torch.randn(n_tokens, n_kv_head, head_dim) * 0.02)
-        self.v = nn.Parameter(torch.randn(n_tokens, n_kv_head, head_dim) * 0.02)
+        self.k = nn.Parameter(torch.zeros(n_tokens, n_kv_head, head_dim))  # filled by apply_prefix_tuning
+        self.v = nn.Parameter(torch.zeros(n_tokens, n_kv_head, head_dim))
 
     def forward(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor):
         B = k.shape[0]
@@ -99,23 +104,23 @@ def apply_prefix_tuning(model: GPT, n_tokens: int = 20, init_text: str | None = 
     """Prefix tuning: freeze the model, give every attention layer n trainable key/value pairs."""
     if any(_attention(layer).prefix is not None for layer in model.layers):
         raise ValueError("this model already has prefixes")
-    if init_text is not None and model.prompt is not None:
-        raise ValueError("initialise the prefix from a text before adding a soft prompt, not after")
+    if model.prompt is not None:
+        raise ValueError("add prefix tuning before a soft prompt, not after (its keys are computed by the model)")
     if not isinstance(n_tokens, int) or n_tokens <= 0:
         raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     cfg, device = model.cfg, model.embed_tokens.weight.device
     prefixes = [Prefix(n_tokens, cfg.n_kv_head, cfg.head_dim).to(device) for _ in model.layers]
-    if init_text is not None:  # the keys/values the model computes for the text's tokens
-        ids = torch.tensor([_init_ids(tokenizer, init_text, n_tokens)], device=device)
-        cache = KVCache(cfg.n_layer, n_tokens)
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            model.hidden_states(ids, cache=cache)
-            model.train(was_training)
-            for i, p in enumerate(prefixes):
-                p.k.copy_(cache.k[i][0].transpose(0, 1).float())  # (n, n_kv_head, hd)
-                p.v.copy_(cache.v[i][0].transpose(0, 1).float())
+    ids = _init_ids(tokenizer, init_text, n_tokens) if init_text is not None else _random_ids(model, n_tokens)
+    ids = torch.tensor([ids], device=device)
+    cache = KVCache(cfg.n_layer, n_tokens)  # receives the keys/values the model computes for those tokens
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        model.hidden_states(ids, cache=cache)
+        model.train(was_training)
+        for i, p in enumerate(prefixes):
+            p.k.copy_(cache.k[i][0].transpose(0, 1).float())  # (n, n_kv_head, hd)
+            p.v.copy_(cache.v[i][0].transpose(0, 1).float())
     _freeze_base(model)
     for layer, p in zip(model.layers, prefixes):
         _attention(layer).prefix = p.train(model.training)

@@ -1,0 +1,57 @@
+"""Gradient checkpointing, written out: keep a block's input, drop its activations, recompute them in
+the backward pass.
+
+    forward:   y = block(x)              under no_grad: nothing inside the block is stored
+    backward:  y = block(x) again        with grad on, the same RNG (dropout masks) and autocast
+               dx, dparams = grad(y, (x, params), dy)
+
+Memory for activations goes from every intermediate of every block to one tensor per block, for
+about one more forward pass of compute.
+
+Two details decide whether it is correct:
+- The block's trainable parameters are passed to the autograd.Function as inputs. Otherwise, when
+  the block's input does not require grad (frozen embeddings, as with LoRA, prompt tuning aside),
+  the output would not require grad either, backward would never reach the Function, and the
+  adapters inside the block would silently get no gradient.
+- The RNG state is saved before the forward and restored for the recomputation, so dropout draws
+  the same masks twice; it is restored afterwards so that the rest of training is unaffected.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CheckpointedBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block, rope, key_mask, x, *params):
+        ctx.block, ctx.rope, ctx.key_mask, ctx.params = block, rope, key_mask, params
+        ctx.device_type = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return block(x, rope, key_mask)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
+        devices = [x.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                y = ctx.block(x, ctx.rope, ctx.key_mask)
+        inputs = ([x] if x.requires_grad else []) + list(ctx.params)
+        grads = list(torch.autograd.grad(y, inputs, grad_y, allow_unused=True))
+        grad_x = grads.pop(0) if x.requires_grad else None
+        return (None, None, None, grad_x, *grads)
+
+
+def checkpoint_block(block, x: torch.Tensor, rope, key_mask) -> torch.Tensor:
+    """block(x, rope, key_mask), its activations recomputed in backward instead of stored."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    return CheckpointedBlock.apply(block, rope, key_mask, x, *params)
