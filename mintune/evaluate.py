@@ -11,7 +11,6 @@ on, not predicted, and texts longer than `max_length` are cut.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -62,29 +61,18 @@ def perplexity(model: GPT, tok, texts: list[str], batch_size: int = 8, max_lengt
 
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
-    """Texts from a .jsonl file (one object per line, the `field` of each) or any other file (one text)."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ValueError(f"{path} line {n}: expected an object with a string field {field!r}")
-        texts.append(row[field])
-    return texts
+    """Texts from a .jsonl file (the `field` of each row) or a plain text file (one text per paragraph)."""
+    from .data import _field, read_rows
+
+    return [str(_field(row, field, str(path), n, object)) for n, row in read_rows(str(path))]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.evaluate",
                                  description="Perplexity of a model on a text file or a JSONL file.")
     ap.add_argument("--model", required=True, help="Hugging Face model directory")
-    ap.add_argument("--data", required=True, nargs="+", help=".jsonl files (one text per row) or plain text files")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help=".jsonl files (one text per row) or plain text files (one text per paragraph)")
     ap.add_argument("--field", default="text", help="the JSONL field holding the text")
     ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")

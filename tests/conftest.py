@@ -17,3 +17,25 @@ def smollm2():
     from mintune.fetch import fetch
 
     return fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def saved_with_model(tmp_path_factory):
+    """name -> (directory, transformers model) of a tiny random model from tests/tiny_hf.py, built once."""
+    from tiny_hf import save_hf_model
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            d = tmp_path_factory.mktemp(name)
+            cache[name] = (d, save_hf_model(name, d))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def saved(saved_with_model):
+    """name -> directory of a tiny random model saved by transformers."""
+    return lambda name: saved_with_model(name)[0]

@@ -8,23 +8,9 @@ import torch
 
 import mintune
 from mintune.generation import generate_ids
-from tiny_hf import PAD_ID, TINY, make_hf_model, save_hf_model
+from tiny_hf import PAD_ID, TINY, make_hf_model
 
 ATOL_FP32 = 1e-4  # the issue's bound on |logit difference| in float32
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """name -> (directory, transformers model), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            cache[name] = (d, save_hf_model(name, d))
-        return cache[name]
-
-    return get
 
 
 def padded_batch(vocab_size, seed=0):
@@ -44,8 +30,8 @@ def positions(mask):
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_logits_match_transformers_on_padded_batch(saved, name):
-    path, hf = saved(name)
+def test_logits_match_transformers_on_padded_batch(saved_with_model, name):
+    path, hf = saved_with_model(name)
     model = mintune.load_model(path)
     ids, mask = padded_batch(model.cfg.vocab_size)
     with torch.no_grad():
@@ -57,8 +43,8 @@ def test_logits_match_transformers_on_padded_batch(saved, name):
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_padding_does_not_change_real_tokens(saved, name):
-    path, _ = saved(name)
+def test_padding_does_not_change_real_tokens(saved_with_model, name):
+    path, _ = saved_with_model(name)
     model = mintune.load_model(path)
     ids, mask = padded_batch(model.cfg.vocab_size, seed=1)
     with torch.no_grad():
@@ -70,8 +56,8 @@ def test_padding_does_not_change_real_tokens(saved, name):
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_greedy_tokens_match_transformers(saved, name):
-    path, hf = saved(name)
+def test_greedy_tokens_match_transformers(saved_with_model, name):
+    path, hf = saved_with_model(name)
     model = mintune.load_model(path)
     ids, mask = padded_batch(model.cfg.vocab_size, seed=2)
     ids, mask = ids[:2, :10], mask[:2, :10]  # left padding only, as generation expects
@@ -84,8 +70,8 @@ def test_greedy_tokens_match_transformers(saved, name):
         assert ours.tolist() == theirs.tolist(), f"use_cache={use_cache}"
 
 
-def test_generation_stops_at_eos(saved):
-    path, _ = saved("llama")
+def test_generation_stops_at_eos(saved_with_model):
+    path, _ = saved_with_model("llama")
     model = mintune.load_model(path)
     batch = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     free = generate_ids(model, batch, max_new_tokens=8).tolist()  # no end-of-sequence token
@@ -99,10 +85,10 @@ def test_generation_stops_at_eos(saved):
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_save_pretrained_round_trip_through_transformers(saved, name, tmp_path):
+def test_save_pretrained_round_trip_through_transformers(saved_with_model, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path, hf = saved(name)
+    path, hf = saved_with_model(name)
     model = mintune.load_model(path)
     mintune.save_pretrained(model, tmp_path / "out")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -119,10 +105,10 @@ def test_save_pretrained_round_trip_through_transformers(saved, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "qwen2"])
-def test_sharded_checkpoints_both_ways(saved, name, tmp_path):
+def test_sharded_checkpoints_both_ways(saved_with_model, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path, hf = saved(name)
+    path, hf = saved_with_model(name)
     hf.save_pretrained(tmp_path / "hf_sharded", max_shard_size="40KB")
     assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").exists()
     model = mintune.load_model(tmp_path / "hf_sharded")
@@ -146,10 +132,10 @@ def test_sharded_checkpoints_both_ways(saved, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "opt", "llama-smollm"])
-def test_checkpoint_saved_from_the_backbone_class(saved, name, tmp_path):
+def test_checkpoint_saved_from_the_backbone_class(saved_with_model, name, tmp_path):
     """Checkpoints saved from GPT2Model / OPTModel / LlamaModel lack the 'transformer.'/'model.' prefix
     (and the head, which is tied in these configs)."""
-    path, hf = saved(name)
+    path, hf = saved_with_model(name)
     assert hf.config.tie_word_embeddings
     hf.base_model.save_pretrained(tmp_path / "backbone")
     model = mintune.load_model(tmp_path / "backbone")
@@ -165,8 +151,8 @@ HALF_RTOL = {torch.bfloat16: 0.05, torch.float16: 0.01}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
-def test_half_precision_loading(saved, name, dtype, tmp_path):
-    path, _ = saved(name)
+def test_half_precision_loading(saved_with_model, name, dtype, tmp_path):
+    path, _ = saved_with_model(name)
     model = mintune.load_model(path, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
     hf16 = make_hf_model(name).to(dtype)
@@ -208,9 +194,9 @@ def _no_layer_scale(model):
     ("llama", _no_rope_scaling), ("qwen2", _no_rope_scaling), ("llama-smollm", _no_rope_scaling),
     ("gpt_neox", _full_rotary), ("gpt2-untied-layerscale", _no_layer_scale),
 ])
-def test_quirks_are_exercised(saved, name, switch_off):
+def test_quirks_are_exercised(saved_with_model, name, switch_off):
     """The tiny configs really switch the quirks on: turning one off in mintune changes the logits."""
-    path, _ = saved(name)
+    path, _ = saved_with_model(name)
     model = mintune.load_model(path)
     ids, mask = padded_batch(model.cfg.vocab_size)
     with torch.no_grad():

@@ -8,24 +8,9 @@ import torch.nn.functional as F
 
 import mintune
 from mintune.lora import LoRALinear, lora_layers
-from tiny_hf import save_hf_model
 
 ATOL = 1e-4  # fp32 logits against peft/transformers
 NAMES = ["gpt2", "llama", "gpt_neox", "opt-postnorm-proj"]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            save_hf_model(name, d)
-            cache[name] = d
-        return cache[name]
-
-    return get
 
 
 def batch(vocab, seed=0, B=2, T=11):

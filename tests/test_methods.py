@@ -7,21 +7,7 @@ import torch.nn.functional as F
 import mintune
 from mintune.generation import generate_ids
 from mintune.heads import extract_features, fit_logistic_regression, pool
-from tiny_hf import save_chat_model, save_hf_model
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tmp_path_factory.mktemp(name)
-            save_hf_model(name, d)
-            cache[name] = d
-        return cache[name]
-
-    return get
+from tiny_hf import save_chat_model
 
 
 def toy_batch(vocab, seed=0, B=8, T=12):
