@@ -452,3 +452,13 @@ def test_retention_perplexity_is_tracked_from_step_zero(chat_dir, tmp_path):
              if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all(r["retention/perplexity"] > 1 for r in evals)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(chat_dir, tmp_path, precision):
+    cfg = tiny_config(chat_dir, tmp_path / precision, train={"precision": precision, "max_steps": 24,
+                                                             "checkpointing": 1})
+    summary = train(cfg, show_progress=False, log=lambda *_: None)
+    losses = train_losses(tmp_path / precision)
+    assert all(math.isfinite(x) for x in losses)
+    assert summary["validation_after"]["causal_lm/loss"] < summary["validation_before"]["causal_lm/loss"]
