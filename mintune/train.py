@@ -67,7 +67,7 @@ class MethodSection:
     targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])  # lora: HF module names, or ["all-linear"]
     rslora: bool = False           # lora: scale by alpha / sqrt(r)
     n_tokens: int = 20             # prompt_tuning / prefix_tuning: virtual tokens
-    init_text: str = ""            # prompt_tuning / prefix_tuning: initialise from this text ("": random)
+    init_text: str = ""            # prompt_tuning / prefix_tuning: initialise from this text ("": random tokens)
     encoder_hidden: int = 0        # prompt_tuning: width of P-tuning's MLP encoder (0: none)
     bottleneck: int = 64           # adapters: bottleneck width
     where: str = "both"            # adapters: after "attn", "mlp" or "both"
