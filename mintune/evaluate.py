@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         tok = load_tokenizer(args.model)
         for path in args.data:
             texts = read_texts(path, args.field)

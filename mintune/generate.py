@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens of total mass p")
     ap.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = ap.parse_args(argv)
 
     try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         if args.adapter:
             load_adapter(model, args.adapter)
         tok = load_tokenizer(args.model)

@@ -236,7 +236,7 @@ def read_tensor(f, info: dict) -> torch.Tensor:
     f.seek(info["start"])
     if f.readinto(buf.numpy()) != nbytes:
         raise CheckpointError(f"{f.name}: truncated while reading")
-    return buf.view(_FLOATS[info["dtype"]]).reshape(info["shape"])
+    return buf.view(_FLOATS.get(info["dtype"], torch.int8)).reshape(info["shape"])  # int8: quantized weights
 
 
 def weight_files(path: Path) -> dict[Path, list[str] | None]:
@@ -278,19 +278,49 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu") -> GPT:
+QUANT_METHOD = "mintune_int8"  # quantization_config.quant_method of checkpoints saved quantized
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               quantize: str | None = None, group_size: int | None = None) -> GPT:
     """Build the model described by `path/config.json` and fill it from its safetensors weights.
 
     Returns the model in eval mode (dropout off), every parameter in `dtype` on `device`.
+    quantize="int8": the linear layers inside the blocks are stored as int8 with one scale per output
+    channel (or per group of `group_size` inputs), each weight quantized as it is read, so the
+    full-precision model never exists in memory; norms are kept in float32. A checkpoint saved
+    quantized by mintune (config.json's quantization_config) loads quantized without re-quantizing.
     """
+    from .quant import QuantLinear, check_group_size, is_norm, quantizable, quantize_per_channel
+
     path, dtype, device = Path(path), parse_dtype(dtype), torch.device(device)
     cfg = ModelConfig.from_dir(path)
     names = NAME_MAPS[cfg.family]
+    saved_quant = cfg.hf.get("quantization_config")
+    if saved_quant:
+        if saved_quant.get("quant_method") != QUANT_METHOD:
+            raise CheckpointError(f"{path / 'config.json'}: quantization method {saved_quant.get('quant_method')!r} "
+                                  f"is not supported (mintune reads its own {QUANT_METHOD!r} checkpoints)")
+        if quantize is not None and group_size not in (None, saved_quant.get("group_size")):
+            raise ValueError(f"{path} is saved with group_size={saved_quant.get('group_size')}; "
+                             f"re-quantizing with group_size={group_size} is not possible")
+        quantize, group_size = "int8", saved_quant.get("group_size")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     with torch.device("meta"):
         model = GPT(cfg)
+        if quantize:  # swap the block linears for int8 ones before any weight is read
+            for name, module in list(model.named_modules()):
+                if isinstance(module, nn.Linear) and quantizable(name):
+                    check_group_size(group_size, module.in_features, f"{path}: {names.hf_module(name)}")
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, QuantLinear(
+                        module.in_features, module.out_features, module.bias is not None, group_size, dtype))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     params = dict(model.named_parameters())  # a tied head appears once, as embed_tokens.weight
     wanted = {names.hf_param(n): n for n in params}
+    if saved_quant:  # the scales are tensors of the checkpoint too
+        wanted.update({f"{names.hf_module(m)}.weight_scale": f"{m}.scales" for m in quantized})
 
     # 1. check every file and name before reading any data
     plan: list[tuple[Path, dict, str]] = []  # (file, where the tensor is, mintune name)
@@ -309,9 +339,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
                     unexpected.append(key)
                 continue
             name = wanted.pop(hf_key)
-            if info["dtype"] not in _FLOATS:
-                raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected a float type")
-            expected = tuple(params[name].shape)
+            stored_int8 = saved_quant is not None and name.rsplit(".", 1)[0] in quantized and name.endswith(".weight")
+            if info["dtype"] not in (("I8",) if stored_int8 else _FLOATS):
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected "
+                                      f"{'int8' if stored_int8 else 'a float type'}")
+            target = model.get_submodule(name.rsplit(".", 1)[0]).scales if name.endswith(".scales") else params[name]
+            expected = tuple(target.shape)
             if _block_module(name) in names.conv1d and name.endswith(".weight"):
                 expected = expected[::-1]
             if info["shape"] != expected:
@@ -334,10 +367,27 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32,
     for file, items in by_file.items():
         with open(file, "rb") as f:
             for info, name in sorted(items, key=lambda item: item[0]["start"]):  # read front to back
-                t = to_mintune(names, cfg, name, read_tensor(f, info))
-                _assign(model, name, t.to(device=device, dtype=dtype).contiguous())
+                module = name.rsplit(".", 1)[0]
+                t = read_tensor(f, info)
+                if name.endswith(".scales"):  # kept in mintune's row order, only GPT-NeoX's fused rows move
+                    if names.per_head_qkv and module.endswith("attn.qkv_proj"):
+                        t = qkv_rows_to_mintune(cfg, t)
+                    model.get_submodule(module)._buffers["scales"] = t.to(device=device, dtype=torch.float32)
+                    continue
+                t = to_mintune(names, cfg, name, t)
+                if module in quantized and name.endswith(".weight"):
+                    if not saved_quant:  # quantize as read: one float tensor at a time
+                        t, scales = quantize_per_channel(t.to(device=device, dtype=torch.float32), group_size,
+                                                         overwrite=True)
+                        model.get_submodule(module)._buffers["scales"] = scales
+                    _assign(model, name, t.to(device).contiguous())
+                    continue
+                target = torch.float32 if quantize and is_norm(name) else dtype  # int8 models keep norms in fp32
+                _assign(model, name, t.to(device=device, dtype=target).contiguous())
     model.tie_weights()
     model.name_or_path = str(path)
+    if quantize:
+        model.quantization = {"bits": 8, "group_size": group_size}
     return model.eval()
 
 
@@ -352,12 +402,21 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The model's base weights under the family's own names and layouts (a tied head is left out, as HF
     does; the parameters of fine-tuning methods are left out too: merge LoRA first to keep its effect)."""
+    from .quant import QuantLinear
+
     names = NAME_MAPS[model.cfg.family]
     out = {}
     for n, p in model.named_parameters():
         n = strip_wrappers(n)
         if n in model.base_param_names:
             out[names.hf_param(n)] = to_hf(names, model.cfg, n, p.detach()).contiguous()
+    for n, m in model.named_modules():  # an int8 model's scales, in mintune's row order (NeoX's qkv aside)
+        if isinstance(m, QuantLinear):
+            n = strip_wrappers(n)
+            s = m.scales.detach()
+            if names.per_head_qkv and n.endswith("attn.qkv_proj"):
+                s = qkv_rows_to_hf(model.cfg, s)
+            out[f"{names.hf_module(n)}.weight_scale"] = s.contiguous()
     return out
 
 
@@ -413,6 +472,12 @@ def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5
             old.unlink()
 
     hf = dict(cfg.hf)
+    hf.pop("quantization_config", None)
+    if getattr(model, "quantization", None):  # int8 weights and their scales; mintune reads this back
+        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8,
+                                     "group_size": model.quantization["group_size"],
+                                     "note": "block linear weights int8 (…_proj.weight) with float32 scales "
+                                             "(…_proj.weight_scale, one per output row or per group)"}
     hf["dtype"] = dtype
     if "torch_dtype" in hf:
         hf["torch_dtype"] = dtype

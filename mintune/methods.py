@@ -40,8 +40,15 @@ from .model import GPT
 from .prompts import apply_prefix_tuning, apply_prompt_tuning
 
 
+def _refuse_int8(model: GPT, method: str) -> None:
+    if model.quantization:
+        raise ValueError(f"{method} fine-tuning would train int8 weights, which cannot learn; load the model "
+                         "without quantize, or train adapters (LoRA, ...) on top of the int8 model")
+
+
 def full_finetune(model: GPT) -> None:
     """Every weight of the model trains."""
+    _refuse_int8(model, "full")
     for p in model.parameters():
         p.requires_grad_(True)
     model.methods["full"] = {}
@@ -52,6 +59,7 @@ def freeze_partial(model: GPT, last_n_blocks: int = 0, names=(), embeddings: boo
     """Freeze the model except: the last N blocks, parameters whose mintune or Hugging Face name matches
     one of the regular expressions in `names`, the embeddings (and a head tied to them) if embeddings,
     the final norm if final_norm, an untied output head if head. Returns the trainable base names."""
+    _refuse_int8(model, "partial")
     n = model.cfg.n_layer
     if not isinstance(last_n_blocks, int) or not 0 <= last_n_blocks <= n:
         raise ValueError(f"last_n_blocks must be between 0 and {n} for this model, got {last_n_blocks!r}")

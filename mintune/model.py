@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.weight * x32.to(x.dtype)).to(x.dtype)  # a float32 scale (int8 models) keeps x's dtype
 
 
 class LayerNorm(nn.Module):
@@ -62,6 +62,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and self.weight.dtype != x.dtype:  # float32 norms of an int8 model
+            return F.layer_norm(x.float(), (self.dim,), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
         return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
 
 
@@ -274,6 +276,7 @@ class GPT(nn.Module):
         self.prompt = None  # prompt tuning installs a soft prompt here
         self.head = None    # a classification head (heads.py) goes here
         self.checkpoint_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
+        self.quantization = None   # {"bits": 8, "group_size": ...} once the block linears are int8 (quant.py)
         self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
         self.init_weights()
         self.tie_weights()

@@ -1,19 +1,71 @@
-"""The one place where the model's heavy operations are dispatched.
+"""The one place where the model's heavy operations choose between a fused Triton kernel and its
+plain-PyTorch reference.
 
-The model never calls an attention implementation directly: it calls `ops.attention`, so that a
-fused kernel can be swapped in (and switched off for audits) without touching `model.py`.
-Today every op runs its plain-PyTorch reference from `kernels/`.
+    MINTUNE_KERNELS=auto       (default) the kernel for CUDA tensors, the reference elsewhere
+    MINTUNE_KERNELS=reference  the references everywhere: the audit switch
+    MINTUNE_KERNELS=triton     the kernels everywhere (on a CPU only with TRITON_INTERPRET=1, for tests)
+
+The model never calls an implementation directly, so kernels swap in (and out, for audits) without
+touching `model.py`. The first time an op runs, the path it took and why is logged on the
+"mintune.ops" logger (INFO).
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import torch
 
 from kernels.flash_attention import attention_reference
+from kernels.int8_matmul import Int8MatmulFunction, int8_matmul_reference
+from kernels.int8_matmul import triton as _triton
+
+MODES = ("auto", "reference", "triton")
+log = logging.getLogger("mintune.ops")
+_said: set[tuple[str, str]] = set()
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("MINTUNE_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"MINTUNE_KERNELS={mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def use_kernel(op: str, x: torch.Tensor) -> bool:
+    """Whether `op` runs its Triton kernel for input x; logs the decision and its reason once."""
+    mode = kernel_mode()
+    if mode == "reference":
+        choice, why = False, "MINTUNE_KERNELS=reference"
+    elif mode == "triton":
+        if _triton is None:
+            raise RuntimeError("MINTUNE_KERNELS=triton but triton is not installed")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"MINTUNE_KERNELS=triton with a {x.device.type} tensor needs TRITON_INTERPRET=1 "
+                               "(set before triton is imported)")
+        choice, why = True, "MINTUNE_KERNELS=triton"
+    elif _triton is None:
+        choice, why = False, "triton is not installed"
+    else:
+        choice, why = x.is_cuda, "CUDA tensor" if x.is_cuda else f"{x.device.type} tensor (kernels run on CUDA)"
+    if (op, why) not in _said:
+        _said.add((op, why))
+        log.info("%s: %s (%s)", op, "Triton kernel" if choice else "torch reference", why)
+    return choice
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = True,
               key_mask: torch.Tensor | None = None, window: int | None = None,
               dropout_p: float = 0.0) -> torch.Tensor:
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D); the contract is in kernels/flash_attention.py."""
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D); the contract is in kernels/flash_attention.py.
+    (Its fused kernel is not written yet: the reference always runs.)"""
     return attention_reference(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
                                dropout_p=dropout_p)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (q · scales)ᵀ + bias, q int8 (N, K); see kernels/int8_matmul.py."""
+    if use_kernel("int8_linear", x):
+        return Int8MatmulFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, q, scales, bias)
+    return int8_matmul_reference(x, q, scales, bias)

@@ -56,6 +56,8 @@ class ModelSection:
     path: str = "smollm2"          # a Hugging Face model directory, or a model mintune can fetch ("smollm2")
     dtype: str = "float32"         # weights: float32, bfloat16 or float16 (method weights stay float32)
     device: str = "auto"           # cpu, cuda, or auto (cuda when there is one)
+    quantize: str = ""             # "int8": block linear weights in int8 (LoRA and other adapters train on top)
+    group_size: int = 0            # int8: one scale per this many inputs (0: one per output channel)
 
 
 @dataclass
@@ -398,7 +400,8 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=pri
         for note in task.notes:
             log(f"data: {note}")
     retention = read_texts(_resolve_text(t.retention)) if t.retention else []
-    model = load_model(model_dir, dtype=cfg.model.dtype, device=device)
+    model = load_model(model_dir, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
+                       group_size=cfg.model.group_size or None)
     _apply(model, cfg, tok, tasks)
     model.checkpoint_every = t.checkpointing
     trainable_line = print_trainable_parameters(model)

