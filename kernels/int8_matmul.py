@@ -121,7 +121,7 @@ if triton is not None:
         rn = tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
-            n = n0 + rn
+            n = (n0 + rn).to(tl.int64)                       # int64: n * K must not overflow
             dy = tl.load(DY + rm[:, None] * stride_dym + n[None, :], mask=(rm[:, None] < M) & (n[None, :] < N),
                          other=0.0)                          # (BLOCK_M, BLOCK_N)
             q = tl.load(Q + n[:, None] * K + rk[None, :], mask=(n[:, None] < N) & (rk[None, :] < K),

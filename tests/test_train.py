@@ -472,3 +472,23 @@ def test_lora_on_an_int8_model_through_the_trainer(chat_dir, tmp_path):
     cfg = tiny_config(chat_dir, tmp_path / "full", model={"quantize": "int8"}, method={"name": "full"})
     with pytest.raises(ValueError, match=r"full fine-tuning would train int8 weights"):
         train(cfg, show_progress=False, log=lambda *_: None)
+
+
+def test_csv_and_text_files(chat_dir, tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\n"Great tram, lovely day",positive\n"Broken, cold",negative\n'
+                                    'plain words,positive\n')
+    task = _load(chat_dir, tmp_path / "d.csv", kind="classification", classifier="head")
+    assert [e.class_label for e in task.train] == [1, 0, 1] and task.labels == ["negative", "positive"]
+    assert [n for n, _ in read_rows(str(tmp_path / "d.csv"))] == [2, 3, 4]  # file lines, header is line 1
+    (tmp_path / "bad.csv").write_text("text,label\nfine,positive,extra\n")
+    with pytest.raises(DataError, match=r"bad\.csv line 2: more values than the header has columns"):
+        read_rows(str(tmp_path / "bad.csv"))
+    (tmp_path / "d.txt").write_text("First document,\nstill the first.\n\n\nSecond one.\n\nThird.\n")
+    rows = read_rows(str(tmp_path / "d.txt"))
+    assert rows == [(1, {"text": "First document,\nstill the first."}), (5, {"text": "Second one."}),
+                    (7, {"text": "Third."})]
+    tok = mintune.load_tokenizer(chat_dir)
+    task = _load(chat_dir, tmp_path / "d.txt", packing=True, max_length=8)
+    stream = sum((tok.encode(r["text"]) + [tok.eos_id] for _, r in rows), [])
+    assert [t for e in task.train for t in e.input_ids] == stream  # packed: documents joined by EOS, cut in 8s
+    assert all(len(e.input_ids) == 8 for e in task.train[:-1])
