@@ -23,15 +23,15 @@ import torch
 
 class CheckpointedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, block, rope, key_mask, x, *params):
-        ctx.block, ctx.rope, ctx.key_mask, ctx.params = block, rope, key_mask, params
+    def forward(ctx, block, rope, keys, x, *params):
+        ctx.block, ctx.rope, ctx.keys, ctx.params = block, rope, keys, params
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return block(x, rope, key_mask)
+            return block(x, rope, keys)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -44,14 +44,14 @@ class CheckpointedBlock(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                y = ctx.block(x, ctx.rope, ctx.key_mask)
+                y = ctx.block(x, ctx.rope, ctx.keys)
         inputs = ([x] if x.requires_grad else []) + list(ctx.params)
         grads = list(torch.autograd.grad(y, inputs, grad_y, allow_unused=True))
         grad_x = grads.pop(0) if x.requires_grad else None
         return (None, None, None, grad_x, *grads)
 
 
-def checkpoint_block(block, x: torch.Tensor, rope, key_mask) -> torch.Tensor:
-    """block(x, rope, key_mask), its activations recomputed in backward instead of stored."""
+def checkpoint_block(block, x: torch.Tensor, rope, keys) -> torch.Tensor:
+    """block(x, rope, keys), its activations recomputed in backward instead of stored."""
     params = [p for p in block.parameters() if p.requires_grad]
-    return CheckpointedBlock.apply(block, rope, key_mask, x, *params)
+    return CheckpointedBlock.apply(block, rope, keys, x, *params)

@@ -5,7 +5,8 @@ line). "builtin:sentiment/train.jsonl" names a dataset shipped with mintune (min
 
 Tasks (`kind`):
   causal_lm       every token is predicted; documents are packed into rows of max_length with EOS
-                  between them (packing=true) or each document is its own padded row
+                  between them (packing=true; by default each document attends only to itself and
+                  its positions start from 0, as if alone) or each document is its own padded row
   instruction     a prompt (a template over the row's fields) and a response; the loss covers only
                   the response and the EOS after it (rows longer than max_length are dropped and
                   counted, never cut, so that no response loses its EOS)
@@ -61,6 +62,7 @@ class DataConfig:
     messages_field: str = "messages"    # chat: the list of {"role", "content"} messages
     use_chat_template: bool = False     # instruction / classification-lm: render with the model's chat template
     packing: bool = True                # causal_lm: pack documents into full rows, EOS between them
+    separate_documents: bool = True     # packing: each document attends only to itself, positions from 0
     max_length: int = 256               # longest row in tokens
     truncation: str = "truncate"        # longer rows: "truncate" (and count) or "error"
     seed: int = 0                       # shuffling and the validation split
@@ -108,6 +110,7 @@ class Example:
     prompt_len: int = 0                 # instruction-like: tokens before the response
     choices: list | None = None         # lm-classification: the response tokens of every label, in order
     shown: str = ""                     # the row's input in a few words, for samples in the run summary
+    segments: list | None = None        # packed rows: the document of each token (kept apart in attention)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -229,11 +232,13 @@ class Builder:
                 ids = self._cut(ids, path, n)
                 out.append(Example(ids, list(ids), n, path))
             return out
-        stream, starts = [], []  # one long stream; each row remembers the line its first token came from
-        for n, ids in docs:
+        stream, starts, doc = [], [], []  # one long stream; each token remembers its line and its document
+        for d, (n, ids) in enumerate(docs):
             starts += [n] * len(ids)
+            doc += [d] * len(ids)
             stream += ids
-        return [Example(stream[i:i + L], stream[i:i + L], starts[i], path)
+        return [Example(stream[i:i + L], stream[i:i + L], starts[i], path,
+                        segments=doc[i:i + L] if self.cfg.separate_documents else None)
                 for i in range(0, len(stream), L) if len(stream[i:i + L]) >= 2]
 
     def _classification(self, row, path, n) -> Example | None:
@@ -398,6 +403,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.segments is not None for e in examples):  # packed documents; padding is a segment of its own
+        seg = torch.full((B, T), -1, dtype=torch.long)
+        for i, e in enumerate(examples):  # a row that is not packed is one document
+            seg[i, :len(e.input_ids)] = torch.tensor(e.segments) if e.segments is not None else 0
+        batch["segment_ids"] = seg
     if examples[0].class_label is not None:
         batch["class_labels"] = torch.tensor([e.class_label for e in examples])
     return batch

@@ -120,7 +120,7 @@ def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
             if "class_labels" in b and chunk[0].choices is None:
                 loss, n = class_loss_sum(model, b["input_ids"], b["attention_mask"], b["class_labels"])
             else:
-                loss, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+                loss, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], b.get("segment_ids"))
             total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)

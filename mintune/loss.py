@@ -20,11 +20,14 @@ IGNORE = -100
 
 
 def lm_loss_sum(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled positions, how many) for one batch."""
-    h = model.hidden_states(input_ids, attention_mask)  # (B, T, E)
+                labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labelled positions, how many) for one batch.
+    With segment_ids (packed documents), a document's last token does not predict the next one's first."""
+    h = model.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)  # (B, T, E)
     targets = labels[:, 1:]                             # position t predicts token t + 1
     where = targets != IGNORE                           # (B, T-1)
+    if segment_ids is not None:
+        where &= segment_ids[:, 1:] == segment_ids[:, :-1]
     n = int(where.sum())
     if n == 0:
         return h.sum() * 0.0, 0

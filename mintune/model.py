@@ -17,10 +17,13 @@ Ainslie et al. 2023, https://arxiv.org/abs/2305.13245 (grouped-query attention).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels.flash_attention import EVERY_SEGMENT
 
 from . import ops
 from .checkpoint import checkpoint_block
@@ -145,6 +148,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+class Keys(NamedTuple):
+    """Which keys exist, for attention: mask (B, S) True for real tokens; segments (B, S) the packed
+    document of each key (None: one document per row), so documents packed together stay apart."""
+    mask: torch.Tensor
+    segments: torch.Tensor | None = None
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, allocated on first use.
 
@@ -196,7 +206,7 @@ class Attention(nn.Module):
         self.dropout = cfg.attn_dropout
         self.prefix = None  # prefix tuning installs a module here
 
-    def forward(self, x, rope, key_mask, cache: KVCache | None):
+    def forward(self, x, rope, keys: Keys, cache: KVCache | None):
         B, T, C = x.shape
         if self.fused_qkv:
             q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -213,8 +223,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)    # (B, n_kv_head, S, hd), S = past + T
         if self.prefix is not None:  # prefix tuning (prompts.py): learned keys/values before every sequence
-            k, v, key_mask = self.prefix(k, v, key_mask)
-        y = ops.attention(q, k, v, scale=self.scale, causal=True, key_mask=key_mask, window=self.window,
+            k, v, keys = self.prefix(k, v, keys)
+        y = ops.attention(q, k, v, scale=self.scale, causal=True, key_mask=keys.mask, segment_ids=keys.segments,
+                          window=self.window,
                           dropout_p=self.dropout if self.training else 0.0)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, n_head * hd)
         return self.o_proj(y)
@@ -247,14 +258,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.resid_dropout)
         self.parallel, self.post_norm = cfg.parallel_residual, cfg.norm_position == "post"
 
-    def forward(self, x, rope, key_mask, cache=None):
+    def forward(self, x, rope, keys: Keys, cache=None):
         if self.parallel:
-            a = self.drop(self.attn(self.attn_norm(x), rope, key_mask, cache))
+            a = self.drop(self.attn(self.attn_norm(x), rope, keys, cache))
             return x + a + self.drop(self.mlp(self.mlp_norm(x)))
         if self.post_norm:
-            x = self.attn_norm(x + self.drop(self.attn(x, rope, key_mask, cache)))
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, keys, cache)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, key_mask, cache))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, keys, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -297,16 +308,20 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T).
 
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached tokens
         too. Positions count real tokens only, so left- and right-padded rows get the same positions
-        as unpadded ones (as transformers' generate() does).
+        as unpadded ones (as transformers' generate() does). segment_ids (B, T): documents packed in
+        one row; each attends only to itself and its positions start again from 0.
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache,
+                                               segment_ids=segment_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None,
+                      segment_ids=None) -> torch.Tensor:
         """The features the head reads: (B, T, embed_dim), after the final norm.
 
         With a soft prompt (prompt tuning, prompts.py) its n virtual tokens go in front of the
@@ -324,13 +339,28 @@ class GPT(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"{(B, real_past + T)} (batch, cached {real_past} + new {T} tokens)")
         if n_virtual:
-            if position_ids is not None:
+            if position_ids is not None and segment_ids is None:
                 raise ValueError("position_ids cannot be given to a model with a soft prompt")
             ones = attention_mask.new_ones(B, n_virtual)
             attention_mask = torch.cat([ones, attention_mask], dim=1)                   # (B, n + real_past + T)
+        if segment_ids is not None:  # packed documents, each on its own (training: no cache)
+            if cache is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected {(B, T)}")
+            if position_ids is None:  # each document's positions start at 0 (after any virtual tokens)
+                idx = torch.arange(T, device=input_ids.device).expand(B, T)
+                starts = torch.ones_like(segment_ids, dtype=torch.bool)
+                starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                position_ids = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values + n_virtual
+                if prepend:
+                    virtual = torch.arange(n_virtual, device=input_ids.device).expand(B, n_virtual)
+                    position_ids = torch.cat([virtual, position_ids], dim=1)                  # (B, n + T)
+            if n_virtual:  # every document sees the soft prompt
+                segment_ids = torch.cat([segment_ids.new_full((B, n_virtual), EVERY_SEGMENT), segment_ids], 1)
         if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T or n + T)
-        key_mask = attention_mask.bool()                                                 # (B, past + T)
+        keys = Keys(attention_mask.bool(), segment_ids)                                  # (B, past + T)
 
         x = self.embed_tokens(input_ids)                                                 # (B, T, E)
         if prepend:
@@ -349,9 +379,9 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.layers):
             if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
-                x = checkpoint_block(block, x, rope, key_mask)  # recomputed in backward (checkpoint.py)
+                x = checkpoint_block(block, x, rope, keys)  # recomputed in backward (checkpoint.py)
             else:
-                x = block(x, rope, key_mask, cache)
+                x = block(x, rope, keys, cache)
         if cache is not None:
             cache.advance(x.shape[1])
         if prepend:

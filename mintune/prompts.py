@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kernels.flash_attention import EVERY_SEGMENT
+
 from .hf import strip_wrappers
-from .model import GPT, KVCache
+from .model import GPT, Keys, KVCache
 
 
 def _freeze_base(model: GPT) -> None:
@@ -92,12 +94,16 @@ class Prefix(nn.Module):
         self.k = nn.Parameter(torch.zeros(n_tokens, n_kv_head, head_dim))  # filled by apply_prefix_tuning
         self.v = nn.Parameter(torch.zeros(n_tokens, n_kv_head, head_dim))
 
-    def forward(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor):
+    def forward(self, k: torch.Tensor, v: torch.Tensor, keys: Keys):
         B = k.shape[0]
         pk = self.k.to(k.dtype).transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)  # (B, n_kv_head, n, hd)
         pv = self.v.to(v.dtype).transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)
-        mask = torch.cat([key_mask.new_ones(B, self.n_tokens), key_mask], dim=1)      # (B, n + S)
-        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
+        mask = torch.cat([keys.mask.new_ones(B, self.n_tokens), keys.mask], dim=1)    # (B, n + S)
+        segments = None
+        if keys.segments is not None:  # packed documents: every one of them sees the prefix
+            every = keys.segments.new_full((B, self.n_tokens), EVERY_SEGMENT)
+            segments = torch.cat([every, keys.segments], dim=1)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), Keys(mask, segments)
 
 
 def apply_prefix_tuning(model: GPT, n_tokens: int = 20, init_text: str | None = None, tokenizer=None) -> None:

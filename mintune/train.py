@@ -274,13 +274,17 @@ def _peak_memory_mib(device: torch.device) -> float:
 def _batch_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     if "class_labels" in batch and batch["labels"].eq(-100).all():  # a classification head
         return class_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["class_labels"])
-    return lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return lm_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("segment_ids"))
 
 
 def _count(batch: dict) -> int:
+    """The predictions a batch's loss sums over (what lm_loss_sum / class_loss_sum count)."""
     if "class_labels" in batch and batch["labels"].eq(-100).all():
         return len(batch["class_labels"])
-    return int((batch["labels"][:, 1:] != -100).sum())
+    where = batch["labels"][:, 1:] != -100
+    if "segment_ids" in batch:
+        where &= batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+    return int(where.sum())
 
 
 def _autocast(device: torch.device, precision: str):

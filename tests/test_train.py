@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mintune
+import mintune.data
 import mintune.train as train_mod
 import mintune.trainstate as trainstate
 from mintune.data import DataConfig, DataError, load_task, read_rows
@@ -492,3 +493,32 @@ def test_csv_and_text_files(chat_dir, tmp_path):
     stream = sum((tok.encode(r["text"]) + [tok.eos_id] for _, r in rows), [])
     assert [t for e in task.train for t in e.input_ids] == stream  # packed: documents joined by EOS, cut in 8s
     assert all(len(e.input_ids) == 8 for e in task.train[:-1])
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_packed_documents_are_computed_as_if_alone(saved, monkeypatch, kernels):
+    """A document packed after another (separate_documents): same logits as that document by itself."""
+    monkeypatch.setenv("MINTUNE_KERNELS", kernels)
+    model = mintune.load_model(saved("llama"))
+    first, second = [5, 6, 7, 8, 9, 3], [11, 12, 13, 14, 3]
+    packed = torch.tensor([first + second])
+    seg = torch.tensor([[0] * len(first) + [1] * len(second)])
+    with torch.no_grad():
+        together = model(packed, segment_ids=seg)[0]
+        alone = [model(torch.tensor([d]))[0] for d in (first, second)]
+    assert (together[:len(first)] - alone[0]).abs().max() <= 1e-5
+    assert (together[len(first):] - alone[1]).abs().max() <= 1e-5
+    # and the loss skips the prediction across the boundary
+    loss, n = lm_loss_sum(model, packed, None, packed, seg)
+    assert n == len(first) - 1 + len(second) - 1
+
+
+def test_packed_rows_carry_document_ids(chat_dir, tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("one two three\n\nfour five\n\nsix\n")
+    task = _load(chat_dir, f, packing=True, max_length=64)
+    seg = task.train[0].segments
+    assert seg[0] == 0 and seg[-1] == 2 and sorted(set(seg)) == [0, 1, 2]
+    batch = mintune.data.collate(task.train, mintune.load_tokenizer(chat_dir).pad_id)
+    assert batch["segment_ids"].shape == batch["input_ids"].shape
+    assert _load(chat_dir, f, packing=True, separate_documents=False).train[0].segments is None
