@@ -3,11 +3,12 @@ measured in the same process, each fast path checked against its reference befor
 
     python -m mintune.bench matmul [--quick] [--json FILE]   int8 kernel vs torch bf16 (cuBLAS),
                                                              dequantize-then-matmul, bitsandbytes if importable
+    python -m mintune.bench attention [--quick] [--json FILE] flash-attention kernel vs SDPA with each backend
     python -m mintune.bench train  [--quick] [--json FILE]   LoRA training steps vs transformers + peft
     python -m mintune.bench all
 
 Formulas: a matmul (M, K) x (K, N) is 2·M·N·K FLOPs; its weight traffic is N·K bytes in int8 and 2·N·K
-in bf16. ratio = baseline time / mintune time (above 1: mintune is faster). Training: tokens/s over
+in bf16. Attention forward is 4·B·H·S²·D FLOPs, halved when causal; backward is 2.5x the forward. ratio = baseline time / mintune time (above 1: mintune is faster). Training: tokens/s over
 timed steps after warm-up; peak memory from torch.cuda.max_memory_allocated; MFU = 6·N_params·tokens/s
 plus attention (12·layers·seq·width per token) over the GPU's bf16 peak (989 TFLOP/s on an H100 SXM).
 On a CPU the command runs small shapes through the reference paths and says so.
@@ -125,6 +126,75 @@ def _bitsandbytes(w, x, device):
     layer.weight = bnb.nn.Int8Params(w.cpu().to(torch.float16), requires_grad=False, has_fp16_weights=False)
     layer = layer.to(device)
     return lambda: layer(x.to(torch.float16))
+
+
+# --------------------------------------------------------------------------- attention
+
+def attention_rows(device: torch.device, quick: bool, verify: bool = True, log=print) -> list[dict]:
+    from kernels.flash_attention import attention_reference, flash_attention
+
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if on_gpu and not quick:
+        shapes = [(8, 16, 2048, 128), (4, 16, 4096, 128), (2, 16, 8192, 128), (16, 16, 1024, 64), (4, 32, 4096, 64)]
+    elif on_gpu:
+        shapes = [(4, 16, 2048, 128)]
+    else:
+        shapes = [(1, 2, 64, 32)]
+    log(f"attention: {len(shapes)} shapes, causal, {dtype}, mintune's path: "
+        + ("Triton kernel" if on_gpu else "torch reference (no CUDA device)"))
+    backends = _sdpa_backends() if on_gpu else {"math": None}
+    rows = []
+    for B, H, S, D in shapes:
+        g = torch.Generator(device="cpu").manual_seed(S + D)
+        q, k, v = (torch.randn(B, H, S, D, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
+        do = torch.randn(B, H, S, D, generator=g).to(device, dtype)
+        scale = D ** -0.5
+        ours = (lambda: flash_attention(q, k, v, scale=scale, causal=True)) if on_gpu else \
+            (lambda: attention_reference(q, k, v, scale=scale, causal=True))
+        if verify:
+            out = ours()
+            ref = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), scale=scale)
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            if err > (3e-2 if dtype == torch.bfloat16 else 1e-4):
+                raise SystemExit(f"verification failed for {B}x{H}x{S}x{D}: error {err:.2e}; not timing it")
+        flops = 4 * B * H * S * S * D / 2
+        t_fwd = _bench(ours, device)
+        t_bwd = max(_bench(lambda: torch.autograd.grad(ours(), (q, k, v), do), device) - t_fwd, 1e-9)
+        for backend, ctx in backends.items():
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            try:
+                with ctx() if ctx else _nullcontext():
+                    b_fwd = _bench(sdpa, device)
+                    b_bwd = max(_bench(lambda: torch.autograd.grad(sdpa(), (q, k, v), do), device) - b_fwd, 1e-9)
+            except RuntimeError as e:  # a backend that cannot take this shape on this GPU
+                log(f"  SDPA {backend}: not available here ({str(e).splitlines()[0][:80]})")
+                continue
+            for case, t_ours, t_base, f in (("forward", t_fwd, b_fwd, flops), ("backward", t_bwd, b_bwd, 2.5 * flops)):
+                row = {"bench": "attention", "case": case, "B": B, "H": H, "S": S, "D": D, "causal": True,
+                       "ours_us": t_ours * 1e6, "baseline": f"SDPA {backend}", "baseline_us": t_base * 1e6,
+                       "ratio": t_base / t_ours, "ours_tflops": f / t_ours / 1e12, "baseline_tflops": f / t_base / 1e12}
+                rows.append(row)
+                log(f"  {case:8s} {B}x{H}x{S}x{D} ours {row['ours_tflops']:6.1f} TFLOP/s, SDPA {backend} "
+                    f"{row['baseline_tflops']:6.1f}, ratio {row['ratio']:.2f}")
+    return rows
+
+
+def _sdpa_backends() -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return {name: (lambda b=b: sdpa_kernel(b)) for name, b in names.items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 # --------------------------------------------------------------------------- training step
@@ -254,7 +324,8 @@ def _peft_tokens_per_s(shape, batch, seq, targets, device, dtype) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="all", choices=["matmul", "train", "all"], help="which benchmark")
+    ap.add_argument("what", nargs="?", default="all", choices=["matmul", "attention", "train", "all"],
+                    help="which benchmark")
     ap.add_argument("--quick", action="store_true", help="a few small shapes")
     ap.add_argument("--json", default=None, help="also write the rows and the environment to this file")
     ap.add_argument("--no-verify", action="store_true", help="skip checking the kernels against their references")
@@ -265,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.what in ("matmul", "all"):
         rows += matmul_rows(device, args.quick, verify=not args.no_verify)
+    if args.what in ("attention", "all"):
+        rows += attention_rows(device, args.quick, verify=not args.no_verify)
     if args.what in ("train", "all"):
         rows += train_rows(device, args.quick)
     if args.json:

@@ -13,10 +13,10 @@ def test_bench_quick_writes_rows_with_baselines(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert {"device", "torch", "triton", "date"} <= set(data["environment"])
     kinds = {r["bench"] for r in data["rows"]}
-    assert kinds == {"matmul", "train"}
+    assert kinds == {"matmul", "attention", "train"}
     for row in data["rows"]:
         assert row.get("baseline") and row["ratio"] > 0
-        if row["bench"] == "matmul":
-            assert row["ours_us"] > 0 and row["baseline_us"] > 0 and row["case"] in ("forward", "input_grad")
+        if row["bench"] in ("matmul", "attention"):
+            assert row["ours_us"] > 0 and row["baseline_us"] > 0 and row["case"] in ("forward", "input_grad", "backward")
         else:
             assert row["ours_tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0
