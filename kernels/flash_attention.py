@@ -126,6 +126,19 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _rows(base, rows, stride_row, n_rows, rd, D):
+        """Load rows `rows` (all D columns, padded to rd's length with zeros) of one (n_rows, D) head."""
+        return tl.load(base + rows[:, None] * stride_row + rd[None, :],
+                       mask=(rows[:, None] < n_rows) & (rd[None, :] < D), other=0.0)
+
+    @triton.jit
+    def _query_segments(SEG, rm, T, S, HAS_SEG: tl.constexpr):
+        """The packed-document id of each query (queries are the last T of the S keys)."""
+        if HAS_SEG:
+            return tl.load(SEG + S - T + rm, mask=rm < T, other=-2)
+        return rm
+
+    @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -165,12 +178,9 @@ if triton is not None:
         rm = start_m + tl.arange(0, BLOCK_M)                    # query rows
         rd = tl.arange(0, BLOCK_D)
         rn = tl.arange(0, BLOCK_N)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                    mask=(rm[:, None] < T) & (rd[None, :] < D), other=0.0)   # (BLOCK_M, BLOCK_D)
+        q = _rows(Q + b * stride_qb + h * stride_qh, rm, stride_qt, T, rd, D)   # (BLOCK_M, BLOCK_D)
         qi = tl.where(rm < T, S - T + rm, -1)                   # key index of each query (-1: past the end)
-        q_seg = rm
-        if HAS_SEG:
-            q_seg = tl.load(SEG + b * stride_gb + S - T + rm, mask=rm < T, other=-2)
+        q_seg = _query_segments(SEG + b * stride_gb, rm, T, S, HAS_SEG)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -190,8 +200,7 @@ if triton is not None:
             p = tl.exp(s - m_use[:, None])
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + kj[:, None] * stride_vs + rd[None, :], mask=(kj[:, None] < S) & (rd[None, :] < D),
-                        other=0.0)                              # (BLOCK_N, BLOCK_D)
+            v = _rows(v_base, kj, stride_vs, S, rd, D)          # (BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
             m_i = m_new
         empty = l_i == 0.0
@@ -217,10 +226,8 @@ if triton is not None:
         kj = start_n + tl.arange(0, BLOCK_N)                    # this program's keys
         rd = tl.arange(0, BLOCK_D)
         rm0 = tl.arange(0, BLOCK_M)
-        k = tl.load(K + b * stride_kb + hk * stride_kh + kj[:, None] * stride_ks + rd[None, :],
-                    mask=(kj[:, None] < S) & (rd[None, :] < D), other=0.0)   # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + kj[:, None] * stride_vs + rd[None, :],
-                    mask=(kj[:, None] < S) & (rd[None, :] < D), other=0.0)
+        k = _rows(K + b * stride_kb + hk * stride_kh, kj, stride_ks, S, rd, D)   # (BLOCK_N, BLOCK_D)
+        v = _rows(V + b * stride_vb + hk * stride_vh, kj, stride_vs, S, rd, D)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         # queries that can see these keys: causal ones at or after them, windowed ones not too far after
@@ -237,13 +244,9 @@ if triton is not None:
             for start_m in range(q_lo, q_hi, BLOCK_M):
                 rm = start_m + rm0
                 qi = tl.where(rm < T, S - T + rm, -1)
-                q_seg = rm
-                if HAS_SEG:
-                    q_seg = tl.load(SEG + b * stride_gb + S - T + rm, mask=rm < T, other=-2)
-                q = tl.load(Q + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                            mask=(rm[:, None] < T) & (rd[None, :] < D), other=0.0)   # (BLOCK_M, BLOCK_D)
-                do = tl.load(DO + b * stride_ob + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
-                             mask=(rm[:, None] < T) & (rd[None, :] < D), other=0.0)
+                q_seg = _query_segments(SEG + b * stride_gb, rm, T, S, HAS_SEG)
+                q = _rows(Q + b * stride_qb + h * stride_qh, rm, stride_qt, T, rd, D)   # (BLOCK_M, BLOCK_D)
+                do = _rows(DO + b * stride_ob + h * stride_oh, rm, stride_ot, T, rd, D)
                 lse = tl.load(LSE + bh * T + rm, mask=rm < T, other=float("inf"))
                 delta = tl.load(DELTA + bh * T + rm, mask=rm < T, other=0.0)
                 s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale  # (BLOCK_M, BLOCK_N)
@@ -277,23 +280,17 @@ if triton is not None:
         rd = tl.arange(0, BLOCK_D)
         rn = tl.arange(0, BLOCK_N)
         qi = tl.where(rm < T, S - T + rm, -1)
-        q_seg = rm
-        if HAS_SEG:
-            q_seg = tl.load(SEG + b * stride_gb + S - T + rm, mask=rm < T, other=-2)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                    mask=(rm[:, None] < T) & (rd[None, :] < D), other=0.0)
-        do = tl.load(DO + b * stride_ob + h * stride_oh + rm[:, None] * stride_ot + rd[None, :],
-                     mask=(rm[:, None] < T) & (rd[None, :] < D), other=0.0)
+        q_seg = _query_segments(SEG + b * stride_gb, rm, T, S, HAS_SEG)
+        q = _rows(Q + b * stride_qb + h * stride_qh, rm, stride_qt, T, rd, D)
+        do = _rows(DO + b * stride_ob + h * stride_oh, rm, stride_ot, T, rd, D)
         lse = tl.load(LSE + bh * T + rm, mask=rm < T, other=float("inf"))
         delta = tl.load(DELTA + bh * T + rm, mask=rm < T, other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         lo, hi = _key_range(start_m, T, S, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         for start_n in range(lo, hi, BLOCK_N):
             kj = start_n + rn
-            k = tl.load(K + b * stride_kb + hk * stride_kh + kj[:, None] * stride_ks + rd[None, :],
-                        mask=(kj[:, None] < S) & (rd[None, :] < D), other=0.0)   # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + b * stride_vb + hk * stride_vh + kj[:, None] * stride_vs + rd[None, :],
-                        mask=(kj[:, None] < S) & (rd[None, :] < D), other=0.0)
+            k = _rows(K + b * stride_kb + hk * stride_kh, kj, stride_ks, S, rd, D)   # (BLOCK_N, BLOCK_D)
+            v = _rows(V + b * stride_vb + hk * stride_vh, kj, stride_vs, S, rd, D)
             s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
             ok = _visible(qi, kj, S, KMASK + b * stride_mb, SEG + b * stride_gb, q_seg, CAUSAL, WINDOW,
                           HAS_KMASK, HAS_SEG)
