@@ -50,7 +50,7 @@ GPU_VERIFIED = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """int8 (N, K) and scales (N,) or (N, K/G) -> float32 (N, K)."""
     if s.dim() == 1:
         return q.float() * s.float()[:, None]
@@ -60,8 +60,8 @@ def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequantize(q, s)ᵀ + bias, in x's dtype (the weight is dequantized in float32, then cast)."""
-    return F.linear(x, dequantize(q, s).to(x.dtype), bias)
+    """x @ dequantize_int8(q, s)ᵀ + bias, in x's dtype (the weight is dequantized in float32, then cast)."""
+    return F.linear(x, dequantize_int8(q, s).to(x.dtype), bias)
 
 
 if triton is not None:

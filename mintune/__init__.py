@@ -12,7 +12,7 @@ from .config import ConfigError, ModelConfig
 from .adapters import apply_adapters
 from .generation import generate
 from .heads import add_classification_head, classify, fit_classification_head
-from .hf import CheckpointError, load_model, save_pretrained
+from .hf import ModelFileError, load_model, save_pretrained
 from .lora import apply_lora, merge_lora, unmerge_lora
 from .methods import (apply_method, check_gradient_flow, freeze_partial, full_finetune, load_adapter,
                       print_trainable_parameters, save_adapter)
@@ -28,7 +28,7 @@ def datasets_dir() -> Path:
 
 
 __all__ = [
-    "datasets_dir", "ConfigError", "ModelConfig", "CheckpointError", "load_model", "save_pretrained", "GPT",
+    "datasets_dir", "ConfigError", "ModelConfig", "ModelFileError", "load_model", "save_pretrained", "GPT",
     "KVCache", "Tokenizer", "load_tokenizer", "generate",
     "apply_method", "full_finetune", "freeze_partial", "apply_lora", "merge_lora", "unmerge_lora",
     "apply_prompt_tuning", "apply_prefix_tuning", "apply_adapters", "add_classification_head", "classify",

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from kernels.int8_matmul import Int8MatmulFunction, dequantize, int8_matmul_reference
+from mintune.kernels.int8_matmul import Int8MatmulFunction, dequantize_int8, int8_matmul_reference
 from mintune.quant import quantize_per_channel
 
 H100_BF16_PEAK = 989e12
@@ -74,7 +74,7 @@ def matmul_rows(device: torch.device, quick: bool, verify: bool = True, log=prin
     for M, N, K in shapes:
         w = torch.randn(N, K, generator=g).to(device) * 0.02
         q, s = quantize_per_channel(w)
-        w16 = dequantize(q, s).to(dtype)
+        w16 = dequantize_int8(q, s).to(dtype)
         x = torch.randn(M, K, generator=g).to(device, dtype)
         dy = torch.randn(M, N, generator=g).to(device, dtype)
 
@@ -89,15 +89,15 @@ def matmul_rows(device: torch.device, quick: bool, verify: bool = True, log=prin
         if verify:
             ref = int8_matmul_reference(x.float(), q, s)
             err = ((ours_fwd().float() - ref).abs().max() / ref.abs().max()).item()
-            ref_dx = dy.float() @ dequantize(q, s)
+            ref_dx = dy.float() @ dequantize_int8(q, s)
             err_dx = ((ours_bwd().float() - ref_dx).abs().max() / ref_dx.abs().max()).item()
             limit = 2e-2 if dtype == torch.bfloat16 else 1e-4
             if err > limit or err_dx > limit:
                 raise SystemExit(f"verification failed for M={M} N={N} K={K}: forward error {err:.2e}, "
                                  f"input-gradient error {err_dx:.2e} (allowed {limit:.0e}); not timing a wrong kernel")
         cases = {
-            "forward": (ours_fwd, lambda: x @ w16.t(), lambda: x @ dequantize(q, s).to(dtype).t()),
-            "input_grad": (lambda: ours_bwd(), lambda: dy @ w16, lambda: dy @ dequantize(q, s).to(dtype)),
+            "forward": (ours_fwd, lambda: x @ w16.t(), lambda: x @ dequantize_int8(q, s).to(dtype).t()),
+            "input_grad": (lambda: ours_bwd(), lambda: dy @ w16, lambda: dy @ dequantize_int8(q, s).to(dtype)),
         }
         for case, (ours, base, naive) in cases.items():
             t_ours, t_base = _bench(ours, device), _bench(base, device)
@@ -131,7 +131,7 @@ def _bitsandbytes(w, x, device):
 # --------------------------------------------------------------------------- attention
 
 def attention_rows(device: torch.device, quick: bool, verify: bool = True, log=print) -> list[dict]:
-    from kernels.flash_attention import attention_reference, flash_attention
+    from mintune.kernels.flash_attention import attention_reference, flash_attention
 
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -258,7 +258,7 @@ def train_rows(device: torch.device, quick: bool, log=print) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats(device)
                 model = _mintune_model(SHAPES[name], device, dtype, quantize)
                 mintune.apply_lora(model, r=16, alpha=32, dropout=0.05, targets=targets)
-                model.checkpoint_every = 1
+                model.recompute_every = 1
                 model.train()
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
                 ids = torch.randint(0, model.cfg.vocab_size, (batch, seq), device=device)

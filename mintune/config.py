@@ -98,8 +98,8 @@ class ModelConfig:
                 f"{source}: unsupported model_type {family!r}; mintune supports: {', '.join(sorted(FAMILIES))}"
             )
         try:
-            cfg = FAMILIES[family](_Reader(hf, source))
-        except KeyError as e:  # raised by _Reader for a required field
+            cfg = FAMILIES[family](_HFFields(hf, source))
+        except KeyError as e:  # raised by _HFFields for a required field
             raise ConfigError(f"{source}: model_type {family!r} needs the field {e.args[0]!r}") from None
         cfg.hf = dict(hf)
         return cfg
@@ -133,7 +133,7 @@ def _as_list(x) -> list[int]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-class _Reader:
+class _HFFields:
     """A config dict whose missing required fields raise KeyError(name), turned into ConfigError above."""
 
     def __init__(self, d: dict, source: str):
@@ -188,7 +188,7 @@ class _Reader:
                     attn_dropout=float(self.get(attn, 0.0)))
 
 
-def _from_gpt2(c: _Reader) -> ModelConfig:
+def _from_gpt2(c: _HFFields) -> ModelConfig:
     if c.get("add_cross_attention", False):
         raise ConfigError(f"{c.source}: GPT-2 with cross-attention is an encoder-decoder part, not supported")
     d, h = c["n_embd"], c["n_head"]
@@ -205,7 +205,7 @@ def _from_gpt2(c: _Reader) -> ModelConfig:
     )
 
 
-def _from_gpt_neo(c: _Reader) -> ModelConfig:
+def _from_gpt_neo(c: _HFFields) -> ModelConfig:
     d, h, n = c["hidden_size"], c["num_heads"], c["num_layers"]
     kinds = c.get("attention_layers")
     if not kinds:  # expand [[["global", "local"], 12]] into one entry per layer
@@ -227,7 +227,7 @@ def _from_gpt_neo(c: _Reader) -> ModelConfig:
     )
 
 
-def _from_opt(c: _Reader) -> ModelConfig:
+def _from_opt(c: _HFFields) -> ModelConfig:
     d, h = c["hidden_size"], c["num_attention_heads"]
     pre = c.get("do_layer_norm_before", True)
     bias = c.get("enable_bias", True)
@@ -245,7 +245,7 @@ def _from_opt(c: _Reader) -> ModelConfig:
     )
 
 
-def _from_gpt_neox(c: _Reader) -> ModelConfig:
+def _from_gpt_neox(c: _HFFields) -> ModelConfig:
     d, h = c["hidden_size"], c["num_attention_heads"]
     bias = c.get("attention_bias", True)
     return ModelConfig(
@@ -261,7 +261,7 @@ def _from_gpt_neox(c: _Reader) -> ModelConfig:
     )
 
 
-def _llama_like(c: _Reader, family: str, **quirks) -> ModelConfig:
+def _llama_like(c: _HFFields, family: str, **quirks) -> ModelConfig:
     """Llama and its descendants: RMSNorm, SwiGLU, rotary, grouped-query attention."""
     d, h = c["hidden_size"], c["num_attention_heads"]
     head_dim = c.get("head_dim") or d // h
@@ -279,7 +279,7 @@ def _llama_like(c: _Reader, family: str, **quirks) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def _windows_from_layer_types(c: _Reader) -> list[int | None]:
+def _windows_from_layer_types(c: _HFFields) -> list[int | None]:
     """Qwen2/Qwen3: `layer_types` names the sliding layers (older configs: layers >= max_window_layers);
     the window only exists when use_sliding_window is true, as in transformers."""
     n = c["num_hidden_layers"]
@@ -293,20 +293,20 @@ def _windows_from_layer_types(c: _Reader) -> list[int | None]:
     return [window if k == "sliding_attention" else None for k in kinds]
 
 
-def _from_llama(c: _Reader) -> ModelConfig:
+def _from_llama(c: _HFFields) -> ModelConfig:
     # pretraining_tp only changes how transformers splits its matmuls, not the result: ignored.
     return _llama_like(c, "llama")
 
 
-def _from_mistral(c: _Reader) -> ModelConfig:
+def _from_mistral(c: _HFFields) -> ModelConfig:
     return _llama_like(c, "mistral", layer_windows=[c.get("sliding_window")] * c["num_hidden_layers"])
 
 
-def _from_qwen2(c: _Reader) -> ModelConfig:
+def _from_qwen2(c: _HFFields) -> ModelConfig:
     return _llama_like(c, "qwen2", qkv_bias=True, o_bias=False, layer_windows=_windows_from_layer_types(c))
 
 
-def _from_qwen3(c: _Reader) -> ModelConfig:
+def _from_qwen3(c: _HFFields) -> ModelConfig:
     return _llama_like(c, "qwen3", qk_norm=True, layer_windows=_windows_from_layer_types(c))
 
 

@@ -79,7 +79,7 @@ class GGUFFile:
     tensors: dict[str, GGUFTensor]
 
 
-class _Reader:
+class _ByteReader:
     """Sequential little-endian reads that fail with the file's name when the file ends too early."""
 
     def __init__(self, f, path: Path, size: int):
@@ -125,7 +125,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        r = _Reader(f, path, size)
+        r = _ByteReader(f, path, size)
         magic = f.read(4)
         if magic != b"GGUF":
             raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
@@ -169,7 +169,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path, version, metadata, tensors)
 
 
-def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
+def dequantize_gguf(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Bytes (uint8) of one tensor -> float32 tensor of `shape`."""
     name = GGML_TYPES[type_id][0]
     if name == "F32":
@@ -190,7 +190,7 @@ def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch
     return (d * q.float() + m).reshape(shape)
 
 
-def read_tensor(g: GGUFFile, name: str) -> torch.Tensor:
+def read_gguf_tensor(g: GGUFFile, name: str) -> torch.Tensor:
     """One tensor of the file, dequantized to float32, in PyTorch's shape."""
     t = g.tensors[name]
     if t.nbytes is None:
@@ -200,7 +200,7 @@ def read_tensor(g: GGUFFile, name: str) -> torch.Tensor:
     with open(g.path, "rb") as f:
         f.seek(t.start)
         f.readinto(raw.numpy())
-    return dequantize(raw, t.type_id, t.shape)
+    return dequantize_gguf(raw, t.type_id, t.shape)
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -362,14 +362,14 @@ def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     for t in g.tensors.values():  # fail before writing anything
         hf_tensor_name(g, t.name)
         if t.nbytes is None:
-            read_tensor(g, t.name)  # raises the unsupported-type error
+            read_gguf_tensor(g, t.name)  # raises the unsupported-type error
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, default_mode(directory=True))
     try:
         tensors = {}
         for name in g.tensors:
-            w = read_tensor(g, name)
+            w = read_gguf_tensor(g, name)
             if name.split(".")[-2:-1] == ["attn_q"]:
                 w = unpermute_qk(w, cfg["num_attention_heads"])
             elif name.split(".")[-2:-1] == ["attn_k"]:

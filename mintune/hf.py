@@ -26,7 +26,7 @@ from .files import atomic_write, read_json, write_json
 from .model import GPT
 
 
-class CheckpointError(ValueError):
+class ModelFileError(ValueError):
     """A weight file that does not fit the model (the message names the file and the tensor)."""
 
 
@@ -190,17 +190,17 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            raise ModelFileError(f"{path}: not a safetensors file (only {size} bytes)")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{path}: truncated or corrupt: its header claims {n} bytes, "
+            raise ModelFileError(f"{path}: truncated or corrupt: its header claims {n} bytes, "
                                   f"the file has {size} bytes in all")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+            raise ModelFileError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
+        raise ModelFileError(f"{path}: corrupt safetensors header (expected a JSON object)")
     data_bytes = size - 8 - n
     tensors = {}
     for name, info in header.items():
@@ -213,19 +213,19 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             for d in shape:
                 numel *= int(d)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+            raise ModelFileError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
         if end > data_bytes:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, "
+            raise ModelFileError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, "
                                   f"but the file holds only {data_bytes} bytes of data")
         if not 0 <= start <= end or end - start != numel * itemsize:
-            raise CheckpointError(f"{path}: corrupt: tensor {name!r} of shape {shape} and dtype {dtype} "
+            raise ModelFileError(f"{path}: corrupt: tensor {name!r} of shape {shape} and dtype {dtype} "
                                   f"should take {numel * itemsize} bytes, its offsets give {end - start}")
         tensors[name] = {"dtype": dtype, "shape": tuple(int(d) for d in shape),
                          "start": 8 + n + start, "end": 8 + n + end}
     return tensors
 
 
-def read_tensor(f, info: dict) -> torch.Tensor:
+def read_safetensors_tensor(f, info: dict) -> torch.Tensor:
     """Read one tensor located by `read_safetensors_header` from the open file f into fresh memory.
 
     Plain reads rather than a memory map: the weights then live in ordinary memory, one copy, and
@@ -235,7 +235,7 @@ def read_tensor(f, info: dict) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     f.seek(info["start"])
     if f.readinto(buf.numpy()) != nbytes:
-        raise CheckpointError(f"{f.name}: truncated while reading")
+        raise ModelFileError(f"{f.name}: truncated while reading")
     return buf.view(_FLOATS.get(info["dtype"], torch.int8)).reshape(info["shape"])  # int8: quantized weights
 
 
@@ -246,20 +246,20 @@ def weight_files(path: Path) -> dict[Path, list[str] | None]:
         index = read_json(index_file)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_file}: expected a non-empty 'weight_map' of tensor name -> file")
+            raise ModelFileError(f"{index_file}: expected a non-empty 'weight_map' of tensor name -> file")
         files: dict[Path, list[str]] = {}
         for tensor, fname in weight_map.items():
             files.setdefault(path / fname, []).append(tensor)
         for f in files:
             if not f.is_file():
-                raise CheckpointError(f"{index_file}: lists shard {f.name}, which is missing from {path}")
+                raise ModelFileError(f"{index_file}: lists shard {f.name}, which is missing from {path}")
         return files
     if single.is_file():
         return {single: None}
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        raise CheckpointError(f"{path}: holds only pickle checkpoints (*.bin/*.pt); mintune reads safetensors "
+        raise ModelFileError(f"{path}: holds only pickle checkpoints (*.bin/*.pt); mintune reads safetensors "
                               f"only and never unpickles. Convert them to model.safetensors first.")
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+    raise ModelFileError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
 # --------------------------------------------------------------------------- loading
@@ -299,7 +299,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     saved_quant = cfg.hf.get("quantization_config")
     if saved_quant:
         if saved_quant.get("quant_method") != QUANT_METHOD:
-            raise CheckpointError(f"{path / 'config.json'}: quantization method {saved_quant.get('quant_method')!r} "
+            raise ModelFileError(f"{path / 'config.json'}: quantization method {saved_quant.get('quant_method')!r} "
                                   f"is not supported (mintune reads its own {QUANT_METHOD!r} checkpoints)")
         if quantize is not None and group_size not in (None, saved_quant.get("group_size")):
             raise ValueError(f"{path} is saved with group_size={saved_quant.get('group_size')}; "
@@ -328,7 +328,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
         header = read_safetensors_header(file)
         for key in listed or []:
             if key not in header:
-                raise CheckpointError(f"{path / 'model.safetensors.index.json'}: says tensor {key!r} is in "
+                raise ModelFileError(f"{path / 'model.safetensors.index.json'}: says tensor {key!r} is in "
                                       f"{file.name}, which does not contain it")
         unexpected = []
         for key, info in header.items():
@@ -341,23 +341,23 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
             name = wanted.pop(hf_key)
             stored_int8 = saved_quant is not None and name.rsplit(".", 1)[0] in quantized and name.endswith(".weight")
             if info["dtype"] not in (("I8",) if stored_int8 else _FLOATS):
-                raise CheckpointError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected "
+                raise ModelFileError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected "
                                       f"{'int8' if stored_int8 else 'a float type'}")
             target = model.get_submodule(name.rsplit(".", 1)[0]).scales if name.endswith(".scales") else params[name]
             expected = tuple(target.shape)
             if _block_module(name) in names.conv1d and name.endswith(".weight"):
                 expected = expected[::-1]
             if info["shape"] != expected:
-                raise CheckpointError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
+                raise ModelFileError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
                                       f"implies {expected}")
             plan.append((file, info, name))
         if unexpected:
-            raise CheckpointError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:8])}"
+            raise ModelFileError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:8])}"
                                   f"{' ...' if len(unexpected) > 8 else ''}: a {cfg.family} model with this "
                                   f"config.json has no such weights")
     if wanted:
         missing = sorted(wanted)
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:8])}"
+        raise ModelFileError(f"{path}: missing tensor(s) {', '.join(missing[:8])}"
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
 
     # 2. read tensors one by one straight into place
@@ -368,7 +368,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
         with open(file, "rb") as f:
             for info, name in sorted(items, key=lambda item: item[0]["start"]):  # read front to back
                 module = name.rsplit(".", 1)[0]
-                t = read_tensor(f, info)
+                t = read_safetensors_tensor(f, info)
                 if name.endswith(".scales"):  # kept in mintune's row order, only GPT-NeoX's fused rows move
                     if names.per_head_qkv and module.endswith("attn.qkv_proj"):
                         t = qkv_rows_to_mintune(cfg, t)

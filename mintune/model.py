@@ -23,10 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.flash_attention import EVERY_SEGMENT
-
 from . import ops
-from .checkpoint import checkpoint_block
+from .recompute import recompute_block
 from .config import ModelConfig
 
 ACTIVATIONS = {
@@ -286,7 +284,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg) if cfg.positions == "rotary" else None
         self.prompt = None  # prompt tuning installs a soft prompt here
         self.head = None    # a classification head (heads.py) goes here
-        self.checkpoint_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
+        self.recompute_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
         self.quantization = None   # {"bits": 8, "group_size": ...} once the block linears are int8 (quant.py)
         self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
         self.init_weights()
@@ -357,7 +355,7 @@ class GPT(nn.Module):
                     virtual = torch.arange(n_virtual, device=input_ids.device).expand(B, n_virtual)
                     position_ids = torch.cat([virtual, position_ids], dim=1)                  # (B, n + T)
             if n_virtual:  # every document sees the soft prompt
-                segment_ids = torch.cat([segment_ids.new_full((B, n_virtual), EVERY_SEGMENT), segment_ids], 1)
+                segment_ids = torch.cat([segment_ids.new_full((B, n_virtual), ops.EVERY_SEGMENT), segment_ids], 1)
         if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T or n + T)
         keys = Keys(attention_mask.bool(), segment_ids)                                  # (B, past + T)
@@ -378,8 +376,8 @@ class GPT(nn.Module):
             rope = self.rotary(position_ids, x.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.layers):
-            if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
-                x = checkpoint_block(block, x, rope, keys)  # recomputed in backward (checkpoint.py)
+            if self.recompute_every and i % self.recompute_every == 0 and self.training and torch.is_grad_enabled():
+                x = recompute_block(block, x, rope, keys)  # recomputed in backward (recompute.py)
             else:
                 x = block(x, rope, keys, cache)
         if cache is not None:

@@ -1,32 +1,51 @@
 """The one place where the model's heavy operations choose between a fused Triton kernel and its
 plain-PyTorch reference.
 
-    MINTUNE_KERNELS=auto       (default) the kernel for CUDA tensors, the reference elsewhere; a kernel
-                               whose module says GPU_VERIFIED = False (not yet run by tests/gpu on a
-                               device) stays off in auto mode until a session on the GPU verifies it
+    MINTUNE_KERNELS=auto       (default) the kernel for CUDA tensors whose kernel module declares
+                               GPU_VERIFIED = True (its tests/gpu suite passed on a GPU); the reference
+                               for every other tensor, and for kernels not yet verified on a GPU
     MINTUNE_KERNELS=reference  the references everywhere: the audit switch
     MINTUNE_KERNELS=triton     the kernels everywhere (on a CPU only with TRITON_INTERPRET=1, for tests)
 
-The model never calls an implementation directly, so kernels swap in (and out, for audits) without
-touching `model.py`. The first time an op runs, the path it took and why is logged on the
-"mintune.ops" logger (INFO).
+The ops are:
+    attention(q, k, v, ...)       kernels/flash_attention.py   (the model's every attention)
+    int8_linear(x, q, scales, b)  kernels/int8_matmul.py       (QuantLinear's matmul)
+    dequantize_int8(q, scales)    kernels/int8_matmul.py       (the weight an int8 layer stands for)
+    EVERY_SEGMENT                 the segment id of keys that every query sees (prefixes, soft prompts)
+
+This module is the only one that imports from `mintune.kernels`, and it does so on first use: a kernel
+module imports triton, which `import mintune` does not need. The model never calls an implementation
+directly, so kernels swap in (and out, for audits) without touching `model.py`. The first time an op
+runs, the path it took and why is logged on the "mintune.ops" logger (INFO).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
+from types import ModuleType
 
 import torch
-
-import kernels.flash_attention as _attn
-import kernels.int8_matmul as _int8
-from kernels.flash_attention import attention_reference, flash_attention
-from kernels.int8_matmul import Int8MatmulFunction, int8_matmul_reference
-from kernels.int8_matmul import triton as _triton
 
 MODES = ("auto", "reference", "triton")
 log = logging.getLogger("mintune.ops")
 _said: set[tuple[str, str]] = set()
+
+
+def _kernel_module(name: str) -> ModuleType:
+    """mintune.kernels.<name>, imported the first time an op needs it."""
+    return importlib.import_module(f"mintune.kernels.{name}")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def __getattr__(name: str):
+    if name == "EVERY_SEGMENT":  # a constant of the attention contract, read where segments are built
+        return _kernel_module("flash_attention").EVERY_SEGMENT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def kernel_mode() -> str:
@@ -45,13 +64,13 @@ def use_kernel(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported:
     elif mode == "reference":
         choice, why = False, "MINTUNE_KERNELS=reference"
     elif mode == "triton":
-        if _triton is None:
+        if not triton_available():
             raise RuntimeError("MINTUNE_KERNELS=triton but triton is not installed")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"MINTUNE_KERNELS=triton with a {x.device.type} tensor needs TRITON_INTERPRET=1 "
                                "(set before triton is imported)")
         choice, why = True, "MINTUNE_KERNELS=triton"
-    elif _triton is None:
+    elif not triton_available():
         choice, why = False, "triton is not installed"
     elif not x.is_cuda:
         choice, why = False, f"{x.device.type} tensor (kernels run on CUDA)"
@@ -74,16 +93,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         unsupported = "attention dropout is not in the kernel"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} is above the kernel's 256"
-    if use_kernel("attention", q, _attn.GPU_VERIFIED, unsupported):
-        return flash_attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
-                               segment_ids=segment_ids)
-    return attention_reference(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
-                               dropout_p=dropout_p, segment_ids=segment_ids)
+    fa = _kernel_module("flash_attention")
+    if use_kernel("attention", q, fa.GPU_VERIFIED, unsupported):
+        return fa.flash_attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
+                                  segment_ids=segment_ids)
+    return fa.attention_reference(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
+                                  dropout_p=dropout_p, segment_ids=segment_ids)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (q · scales)ᵀ + bias, q int8 (N, K); see kernels/int8_matmul.py."""
-    if use_kernel("int8_linear", x, _int8.GPU_VERIFIED):
-        return Int8MatmulFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, q, scales, bias)
-    return int8_matmul_reference(x, q, scales, bias)
+    mm = _kernel_module("int8_matmul")
+    if use_kernel("int8_linear", x, mm.GPU_VERIFIED):
+        return mm.Int8MatmulFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, q, scales, bias)
+    return mm.int8_matmul_reference(x, q, scales, bias)
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) and its scales -> the float32 (N, K) weight they stand for."""
+    return _kernel_module("int8_matmul").dequantize_int8(q, scales)

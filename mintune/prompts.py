@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels.flash_attention import EVERY_SEGMENT
 
+from . import ops
 from .hf import strip_wrappers
 from .model import GPT, Keys, KVCache
 
@@ -101,7 +101,7 @@ class Prefix(nn.Module):
         mask = torch.cat([keys.mask.new_ones(B, self.n_tokens), keys.mask], dim=1)    # (B, n + S)
         segments = None
         if keys.segments is not None:  # packed documents: every one of them sees the prefix
-            every = keys.segments.new_full((B, self.n_tokens), EVERY_SEGMENT)
+            every = keys.segments.new_full((B, self.n_tokens), ops.EVERY_SEGMENT)
             segments = torch.cat([every, keys.segments], dim=1)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), Keys(mask, segments)
 

@@ -94,7 +94,7 @@ class TrainSection:
     min_lr_ratio: float = 0.1      # cosine/linear end at lr * min_lr_ratio
     max_grad_norm: float = 1.0     # clip the global gradient norm (0: no clipping)
     precision: str = "fp32"        # fp32, or autocast in bf16 or fp16 (fp16 with loss scaling)
-    checkpointing: int = 0         # gradient checkpointing of every k-th block (1: all; 0: off)
+    gradient_checkpointing: int = 0  # recompute every k-th block's activations in backward instead of keeping them (1: all; 0: off)
     eval_every: int = 50           # steps between evaluations (0: only before and after)
     eval_batch_size: int = 16      # rows per evaluation batch
     exact_match_limit: int = 64    # instruction tasks: validation rows answered by generation (0: none)
@@ -407,7 +407,7 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=pri
     model = load_model(model_dir, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
                        group_size=cfg.model.group_size or None)
     _apply(model, cfg, tok, tasks)
-    model.checkpoint_every = t.checkpointing
+    model.recompute_every = t.gradient_checkpointing
     trainable_line = print_trainable_parameters(model)
     write_json(out / "train_config.json", dataclasses.asdict(cfg))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mintune
-from kernels.flash_attention import attention_reference, flash_attention
+from mintune.kernels.flash_attention import attention_reference, flash_attention
 from mintune import ops
 from mintune.loss import lm_loss_sum
 
@@ -150,7 +150,7 @@ def test_dispatch_says_which_path_and_why(monkeypatch, caplog):
 
 def test_keys_every_segment_may_see():
     """Prefix keys (segment -2) are visible from every packed document."""
-    from kernels.flash_attention import EVERY_SEGMENT
+    from mintune.kernels.flash_attention import EVERY_SEGMENT
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, n, 16, generator=g, requires_grad=True) for n in (12, 16, 16))

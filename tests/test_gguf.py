@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import mintune
-from mintune.gguf import GGUFError, convert, read_gguf, read_tensor, unpermute_qk
+from mintune.gguf import GGUFError, convert, read_gguf, read_gguf_tensor, unpermute_qk
 from tiny_hf import make_hf_model
 from tiny_tokenizers import TRICKY_STRINGS, gpt2_backend
 
@@ -47,7 +47,7 @@ def test_dequantize_bit_for_bit(tmp_path, qtype):
     w.write_tensors_to_file()
     w.close()
     expected = gguf_dequantize(packed, qtype).reshape(data.shape).astype(np.float32)
-    ours = read_tensor(read_gguf(tmp_path / "t.gguf"), "x")
+    ours = read_gguf_tensor(read_gguf(tmp_path / "t.gguf"), "x")
     assert ours.dtype == torch.float32 and ours.shape == (7, 96)
     assert torch.equal(ours, torch.from_numpy(expected))
 
@@ -72,7 +72,7 @@ def test_metadata_of_every_value_type(tmp_path):
         assert g.metadata[key] == value, key
         assert g.metadata[key] == theirs.fields[key].contents(), key
     assert g.metadata["general.architecture"] == "llama"
-    assert torch.equal(read_tensor(g, "t"), torch.arange(32, dtype=torch.float32))
+    assert torch.equal(read_gguf_tensor(g, "t"), torch.arange(32, dtype=torch.float32))
 
 
 # ---- a whole tiny Llama written as GGUF, converted back ----------------------------------------------
@@ -211,7 +211,7 @@ def test_unsupported_quantization_type(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(GGUFError, match=r"k\.gguf: tensor 'blk\.0\.attn_q\.weight' has quantization type Q4_K"):
-        read_tensor(read_gguf(tmp_path / "k.gguf"), "blk.0.attn_q.weight")
+        read_gguf_tensor(read_gguf(tmp_path / "k.gguf"), "blk.0.attn_q.weight")
 
 
 def test_architecture_other_than_llama(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mintune
-from kernels.int8_matmul import Int8MatmulFunction, dequantize, int8_matmul, int8_matmul_grad_input, \
+from mintune.kernels.int8_matmul import Int8MatmulFunction, dequantize_int8, int8_matmul, int8_matmul_grad_input, \
     int8_matmul_reference
 from mintune.loss import lm_loss_sum
 from mintune.lora import lora_layers
@@ -35,7 +35,7 @@ def test_round_trip_error_is_at_most_half_a_step(group_size):
     q, s = quantize_per_channel(w, group_size)
     assert s.shape == ((33,) if group_size is None else (33, 128 // group_size))
     step = s[:, None] if group_size is None else s.repeat_interleave(group_size, dim=1)
-    assert ((dequantize(q, s) - w).abs() <= step / 2 + 1e-6).all()
+    assert ((dequantize_int8(q, s) - w).abs() <= step / 2 + 1e-6).all()
     assert q.abs().max() == 127
 
 
@@ -76,7 +76,7 @@ def test_grouped_kernel_against_reference(M, N, K, G, dtype):
     x = torch.randn(M, K, generator=g).to(dtype)
     assert rel_err(int8_matmul(x, q, s), int8_matmul_reference(x, q, s)) <= RTOL[dtype]
     dy = torch.randn(M, N, generator=g).to(dtype)
-    assert rel_err(int8_matmul_grad_input(dy, q, s), dy @ dequantize(q, s).to(dtype)) <= RTOL[dtype]
+    assert rel_err(int8_matmul_grad_input(dy, q, s), dy @ dequantize_int8(q, s).to(dtype)) <= RTOL[dtype]
 
 
 def test_launcher_says_what_it_expected():
@@ -211,7 +211,7 @@ def test_quantized_checkpoint_without_scales_is_named(saved, tmp_path):
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight_scale"]
     save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(mintune.CheckpointError, match=r"missing tensor\(s\) model\.layers\.1\.self_attn\.k_proj\.weight_scale"):
+    with pytest.raises(mintune.ModelFileError, match=r"missing tensor\(s\) model\.layers\.1\.self_attn\.k_proj\.weight_scale"):
         mintune.load_model(tmp_path / "q")
 
 
@@ -222,7 +222,7 @@ def test_other_quantization_methods_are_refused(saved, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(mintune.CheckpointError, match=r"quantization method 'bitsandbytes' is not supported"):
+    with pytest.raises(mintune.ModelFileError, match=r"quantization method 'bitsandbytes' is not supported"):
         mintune.load_model(tmp_path / "m")
 
 

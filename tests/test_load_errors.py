@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mintune
-from mintune import CheckpointError, ConfigError
+from mintune import ModelFileError, ConfigError
 from tiny_hf import save_hf_model
 
 
@@ -79,7 +79,7 @@ def test_missing_tensor_is_named(model_dir):
     tensors = load_file(f)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(ModelFileError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
         mintune.load_model(model_dir)
 
 
@@ -88,14 +88,14 @@ def test_unexpected_tensor_is_named(model_dir):
     tensors = load_file(f)
     tensors["model.layers.0.self_attn.extra_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor\(s\) "
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: unexpected tensor\(s\) "
                                               r"model\.layers\.0\.self_attn\.extra_proj\.weight"):
         mintune.load_model(model_dir)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(model_dir):
     edit_config(model_dir, intermediate_size=64)  # the checkpoint has 80
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ModelFileError) as e:
         mintune.load_model(model_dir)
     msg = str(e.value)
     assert "model.safetensors" in msg and "mlp" in msg
@@ -107,7 +107,7 @@ def test_truncated_safetensors_names_the_file(model_dir):
     f = model_dir / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: truncated"):
         mintune.load_model(model_dir)
 
 
@@ -116,13 +116,13 @@ def test_corrupt_header_names_the_file(model_dir):
     data = bytearray(f.read_bytes())
     data[8:20] = b"\xff" * 12  # garbage where the JSON header starts
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header"):
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: corrupt safetensors header"):
         mintune.load_model(model_dir)
 
 
 def test_not_a_safetensors_file(model_dir):
     (model_dir / "model.safetensors").write_bytes(b"\x00\x01")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a safetensors file"):
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: not a safetensors file"):
         mintune.load_model(model_dir)
 
 
@@ -131,7 +131,7 @@ def test_header_length_past_end_of_file(model_dir):
     data = bytearray(f.read_bytes())
     data[:8] = (len(data) * 2).to_bytes(8, "little")
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
+    with pytest.raises(ModelFileError, match=r"model\.safetensors: truncated or corrupt"):
         mintune.load_model(model_dir)
 
 
@@ -140,7 +140,7 @@ def test_integer_tensor_is_refused(model_dir):
     tensors = load_file(f)
     tensors["model.norm.weight"] = torch.ones(48, dtype=torch.int32)
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has dtype I32; expected a float"):
+    with pytest.raises(ModelFileError, match=r"'model\.norm\.weight' has dtype I32; expected a float"):
         mintune.load_model(model_dir)
 
 
@@ -151,7 +151,7 @@ def test_index_lists_a_missing_shard(good, tmp_path):
     AutoModelForCausalLM.from_pretrained(good).save_pretrained(d, max_shard_size="40KB")
     shard = sorted(d.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=rf"index\.json: lists shard {shard.name}, which is missing"):
+    with pytest.raises(ModelFileError, match=rf"index\.json: lists shard {shard.name}, which is missing"):
         mintune.load_model(d)
 
 
@@ -165,7 +165,7 @@ def test_index_points_at_the_wrong_shard(good, tmp_path):
     name = next(k for k, v in index["weight_map"].items() if v == shards[0])
     index["weight_map"][name] = shards[1]
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"says tensor '{name}' is in {shards[1]}"):
+    with pytest.raises(ModelFileError, match=rf"says tensor '{name}' is in {shards[1]}"):
         mintune.load_model(d)
 
 
@@ -181,7 +181,7 @@ def test_nothing_is_ever_unpickled(good, model_dir, monkeypatch):
     # a directory with only a pickle checkpoint is refused without opening it
     (model_dir / "model.safetensors").unlink()
     (model_dir / "pytorch_model.bin").write_bytes(b"not even read")
-    with pytest.raises(CheckpointError, match=r"pickle checkpoints.*never unpickles"):
+    with pytest.raises(ModelFileError, match=r"pickle checkpoints.*never unpickles"):
         mintune.load_model(model_dir)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import mintune
 from mintune import fetch as fetch_mod
-from mintune.gguf import read_gguf, read_tensor
+from mintune.gguf import read_gguf, read_gguf_tensor
 from tiny_tokenizers import TRICKY_STRINGS
 
 
@@ -72,7 +72,7 @@ def test_dequantization_bit_for_bit_on_every_tensor(smollm2):
     seen = set()
     for t in theirs.tensors:
         expected = dequantize(t.data, t.tensor_type).astype(np.float32)
-        assert torch.equal(read_tensor(g, t.name), torch.from_numpy(expected).reshape(g.tensors[t.name].shape)), t.name
+        assert torch.equal(read_gguf_tensor(g, t.name), torch.from_numpy(expected).reshape(g.tensors[t.name].shape)), t.name
         seen.add(t.tensor_type.name)
     assert seen == {"Q4_1", "Q8_0", "F32"}  # every type present in this file was compared
 

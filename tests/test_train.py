@@ -85,7 +85,7 @@ def _grads_and_saved_bytes(path, every, lora, dropout):
         for layer in model.layers:  # dropout inside the blocks, replayed by the recomputation
             layer.drop.p = dropout
     model.train()
-    model.checkpoint_every = every
+    model.recompute_every = every
     ids = torch.randint(4, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     saved = []
 
@@ -458,7 +458,7 @@ def test_retention_perplexity_is_tracked_from_step_zero(chat_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs(chat_dir, tmp_path, precision):
     cfg = tiny_config(chat_dir, tmp_path / precision, train={"precision": precision, "max_steps": 24,
-                                                             "checkpointing": 1})
+                                                             "gradient_checkpointing": 1})
     summary = train(cfg, show_progress=False, log=lambda *_: None)
     losses = train_losses(tmp_path / precision)
     assert all(math.isfinite(x) for x in losses)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.flash_attention import attention_reference, flash_attention
+from mintune.kernels.flash_attention import attention_reference, flash_attention
 
 
 def _check(B, Hq, Hkv, T, S, D, causal=True, window=None, pad=False, dtype=torch.bfloat16):

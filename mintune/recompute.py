@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 
-class CheckpointedBlock(torch.autograd.Function):
+class RecomputedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, rope, keys, x, *params):
         ctx.block, ctx.rope, ctx.keys, ctx.params = block, rope, keys, params
@@ -51,7 +51,7 @@ class CheckpointedBlock(torch.autograd.Function):
         return (None, None, None, grad_x, *grads)
 
 
-def checkpoint_block(block, x: torch.Tensor, rope, keys) -> torch.Tensor:
+def recompute_block(block, x: torch.Tensor, rope, keys) -> torch.Tensor:
     """block(x, rope, keys), its activations recomputed in backward instead of stored."""
     params = [p for p in block.parameters() if p.requires_grad]
-    return CheckpointedBlock.apply(block, rope, keys, x, *params)
+    return RecomputedBlock.apply(block, rope, keys, x, *params)
