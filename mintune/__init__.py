@@ -14,8 +14,8 @@ from .generation import generate
 from .heads import add_classification_head, classify, fit_classification_head
 from .hf import ModelFileError, load_model, save_pretrained
 from .lora import apply_lora, merge_lora, unmerge_lora
-from .methods import (apply_method, check_gradient_flow, freeze_partial, full_finetune, load_adapter,
-                      print_trainable_parameters, save_adapter)
+from .adapter_files import load_adapter, save_adapter
+from .methods import apply_method, check_gradient_flow, freeze_partial, full_finetune, print_trainable_parameters
 from .model import GPT, KVCache
 from .prompts import apply_prefix_tuning, apply_prompt_tuning
 from .tokenizer import Tokenizer, load_tokenizer

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .hf import strip_wrappers
 from .model import ACTIVATIONS, GPT
 
 
@@ -51,9 +50,7 @@ def apply_adapters(model: GPT, bottleneck: int = 64, where: str = "both", activa
         raise ValueError(f"bottleneck must be a positive integer, got {bottleneck!r}")
     if "adapters" in model.methods:
         raise ValueError("this model already has adapters")
-    for name, p in model.named_parameters():
-        if strip_wrappers(name) in model.base_param_names:
-            p.requires_grad_(False)
+    model.freeze_base()
     C, device = model.cfg.hidden_size, model.embed_tokens.weight.device
     for block in model.layers:
         for part in (["attn", "mlp"] if where == "both" else [where]):

@@ -168,7 +168,7 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def _field(row: dict, key: str, path: str, n: int, kind: type = str):
+def row_field(row: dict, key: str, path: str, n: int, kind: type = str):
     if key not in row:
         raise DataError(f"{path} line {n}: missing field {key!r} (the row has {sorted(row)})")
     value = row[key]
@@ -206,12 +206,12 @@ class Builder:
         out = []
         for n, row in rows:
             if kind == "chat":
-                ex = self._chat(_field(row, self.cfg.messages_field, path, n, list), path, n)
+                ex = self._chat(row_field(row, self.cfg.messages_field, path, n, list), path, n)
             elif kind == "classification":
                 ex = self._classification(row, path, n)
             else:
                 prompt = self._format(self.cfg.prompt_template, row, path, n, instruction=True)
-                ex = self._prompt_response(prompt, str(_field(row, self.cfg.response_field, path, n, object)),
+                ex = self._prompt_response(prompt, str(row_field(row, self.cfg.response_field, path, n, object)),
                                            path, n)
             if ex is not None:
                 ex.shown = _shown(row, self.cfg)
@@ -225,7 +225,7 @@ class Builder:
 
     def _causal_lm(self, rows, path) -> list[Example]:
         L, eos = self.cfg.max_length, self.tok.eos_id
-        docs = [(n, self.tok.encode(_field(row, self.cfg.text_field, path, n)) + [eos]) for n, row in rows]
+        docs = [(n, self.tok.encode(row_field(row, self.cfg.text_field, path, n)) + [eos]) for n, row in rows]
         if not self.cfg.packing:
             out = []
             for n, ids in docs:
@@ -242,8 +242,8 @@ class Builder:
                 for i in range(0, len(stream), L) if len(stream[i:i + L]) >= 2]
 
     def _classification(self, row, path, n) -> Example | None:
-        text = str(_field(row, self.cfg.text_field, path, n, object))
-        label = str(_field(row, self.cfg.label_field, path, n, object))
+        text = str(row_field(row, self.cfg.text_field, path, n, object))
+        label = str(row_field(row, self.cfg.label_field, path, n, object))
         if label not in self.labels:
             raise DataError(f"{path} line {n}: unknown label {label!r}; the labels are {self.labels}")
         index = self.labels.index(label)
@@ -371,7 +371,7 @@ def load_task(cfg: DataConfig, tok) -> TaskData:
     test_rows = read_rows(cfg.test) if cfg.test else []
     labels = None
     if cfg.kind == "classification":
-        found = sorted({str(_field(r, cfg.label_field, cfg.train, n, object)) for n, r in train_rows})
+        found = sorted({str(row_field(r, cfg.label_field, cfg.train, n, object)) for n, r in train_rows})
         labels = [str(x) for x in cfg.labels] or found
         if len(labels) < 2:
             raise DataError(f"{cfg.train}: classification needs at least two labels, found {labels}")
@@ -391,7 +391,9 @@ def load_task(cfg: DataConfig, tok) -> TaskData:
 # --------------------------------------------------------------------------- batches
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE at padding), class_labels if any."""
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE at padding); segment_ids for packed
+    documents; class_labels for examples that train a classification head (label-word examples are
+    trained as next-token predictions, so their batches carry none: see loss.batch_loss)."""
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -408,7 +410,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         for i, e in enumerate(examples):  # a row that is not packed is one document
             seg[i, :len(e.input_ids)] = torch.tensor(e.segments) if e.segments is not None else 0
         batch["segment_ids"] = seg
-    if examples[0].class_label is not None:
+    if examples[0].class_label is not None and examples[0].choices is None:
         batch["class_labels"] = torch.tensor([e.class_label for e in examples])
     return batch
 

@@ -17,9 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .cli import run_command
+from .data import IGNORE, collate, read_rows, row_field
+from .generation import generate_ids
+from .heads import classify
 from .hf import load_model
-from .loss import IGNORE, lm_loss_sum
-from .model import GPT
+from .loss import batch_loss, lm_loss_sum
+from .model import GPT, KVCache
 from .tokenizer import load_tokenizer
 
 
@@ -62,42 +66,8 @@ def perplexity(model: GPT, tok, texts: list[str], batch_size: int = 8, max_lengt
 
 def read_texts(path: str | Path, field: str = "text") -> list[str]:
     """Texts from a .jsonl file (the `field` of each row) or a plain text file (one text per paragraph)."""
-    from .data import _field, read_rows
+    return [str(row_field(row, field, str(path), n, object)) for n, row in read_rows(str(path))]
 
-    return [str(_field(row, field, str(path), n, object)) for n, row in read_rows(str(path))]
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mintune.evaluate",
-                                 description="Perplexity of a model on a text file or a JSONL file.")
-    ap.add_argument("--model", required=True, help="Hugging Face model directory")
-    ap.add_argument("--data", required=True, nargs="+",
-                    help=".jsonl files (one text per row) or plain text files (one text per paragraph)")
-    ap.add_argument("--field", default="text", help="the JSONL field holding the text")
-    ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
-    ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    args = ap.parse_args(argv)
-    try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-        tok = load_tokenizer(args.model)
-        for path in args.data:
-            texts = read_texts(path, args.field)
-            nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
-            print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(texts)} texts")
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# --------------------------------------------------------------------------- evaluation during training
 
 def _batches(examples, batch_size):
     for i in range(0, len(examples), batch_size):
@@ -107,9 +77,6 @@ def _batches(examples, batch_size):
 @torch.no_grad()
 def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
     """Mean loss over the labelled tokens (or the rows, for a classification head) and its perplexity."""
-    from .data import collate
-    from .loss import class_loss_sum
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -117,10 +84,7 @@ def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
     try:
         for chunk in _batches(examples, batch_size):
             b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            if "class_labels" in b and chunk[0].choices is None:
-                loss, n = class_loss_sum(model, b["input_ids"], b["attention_mask"], b["class_labels"])
-            else:
-                loss, n = lm_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], b.get("segment_ids"))
+            loss, n = batch_loss(model, b)
             total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)
@@ -137,9 +101,6 @@ def predict_classes(model: GPT, examples, pad_id: int, batch_size: int = 8) -> l
 @torch.no_grad()
 def class_scores(model: GPT, examples, pad_id: int, batch_size: int = 8) -> torch.Tensor:
     """(N, classes): the head's logits, or log p(label's response tokens | prompt) for label-word examples."""
-    from .data import collate
-    from .heads import classify
-
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
@@ -152,8 +113,6 @@ def class_scores(model: GPT, examples, pad_id: int, batch_size: int = 8) -> torc
             return torch.cat(out)
         # the prompt goes through the model once, into a KV cache; each label's response tokens then
         # continue from it (the cache is rewound to the prompt before the next label)
-        from .model import KVCache
-
         k = len(examples[0].choices)
         scores = torch.empty(len(examples), k)
         for start in range(0, len(examples), batch_size):
@@ -209,8 +168,6 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
 @torch.no_grad()
 def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: int | None = None) -> dict:
     """Greedy answers to the prompts of instruction examples, compared (stripped) with the references."""
-    from .generation import generate_ids
-
     device = model.embed_tokens.weight.device
     stops = set(tok.stop_ids) | set(model.cfg.eos_token_ids)
     hits, samples = 0, []
@@ -230,3 +187,64 @@ def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: 
             if len(samples) < 3:
                 samples.append({"answer": answer.strip(), "reference": ref.strip()})
     return {"exact_match": hits / max(len(examples), 1), "samples": samples}
+
+def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_size: int = 16,
+                   exact_match_limit: int = 64, retention: list[str] = (), max_length: int | None = None) -> dict:
+    """Every metric of every task on a split ("validation" or "test"), as {"<task>/<metric>": value}:
+    loss (and perplexity for causal LM), classification metrics, exact match of up to
+    `exact_match_limit` generated answers for instruction tasks, and the perplexity of the
+    `retention` texts (general text: how much the model forgets). Leaves the RNG where it was."""
+    metrics = {}
+    with torch.random.fork_rng(devices=[]):
+        for task in tasks:
+            examples = task.validation if split == "validation" else task.test
+            if not examples or (task.cfg.classifier == "head" and model.head is None
+                                and task.cfg.kind == "classification"):
+                continue  # nothing to evaluate (a head that feature-based transfer has not fitted yet)
+            name = task.cfg.name
+            m = eval_loss(model, examples, tok.pad_id, batch_size)
+            metrics[f"{name}/loss"] = m["loss"]
+            if task.cfg.kind == "causal_lm":
+                metrics[f"{name}/perplexity"] = m["perplexity"]
+            if task.cfg.kind == "classification":
+                pred = predict_classes(model, examples, tok.pad_id, batch_size)
+                cm = classification_metrics(pred, [e.class_label for e in examples], task.labels)
+                metrics.update({f"{name}/{k}": v for k, v in cm.items()})
+            if task.cfg.kind == "instruction" and exact_match_limit:
+                em = exact_match(model, tok, examples[:exact_match_limit], batch_size)
+                metrics[f"{name}/exact_match"] = em["exact_match"]
+        if retention:
+            nll, n = token_nll(model, [tok.encode(x) for x in retention], batch_size, max_length=max_length)
+            metrics["retention/perplexity"] = math.exp(nll / n)
+    return metrics
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mintune.evaluate",
+                                 description="Perplexity of a model on a text file or a JSONL file.")
+    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help=".jsonl files (one text per row) or plain text files (one text per paragraph)")
+    ap.add_argument("--field", default="text", help="the JSONL field holding the text")
+    ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
+    ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = ap.parse_args(argv)
+    return run_command(lambda: _evaluate_files(args))
+
+
+def _evaluate_files(args) -> None:
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    tok = load_tokenizer(args.model)
+    for path in args.data:
+        texts = read_texts(path, args.field)
+        nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
+        print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(texts)} texts")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

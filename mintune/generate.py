@@ -14,9 +14,10 @@ import sys
 
 import torch
 
+from .adapter_files import load_adapter
+from .cli import run_command
 from .generation import generate
 from .hf import load_model
-from .methods import load_adapter
 from .tokenizer import load_tokenizer
 
 
@@ -39,24 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = ap.parse_args(argv)
+    return run_command(lambda: _generate(args))
 
-    try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-        if args.adapter:
-            load_adapter(model, args.adapter)
-        tok = load_tokenizer(args.model)
-        prompts = args.prompt
-        if args.chat:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            prompts = [system + [{"role": "user", "content": p}] for p in prompts]
-        texts = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
-    except (OSError, ValueError) as e:  # bad directory, file, config or argument: the message says which
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _generate(args) -> None:
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    tok = load_tokenizer(args.model)
+    prompts = args.prompt
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [system + [{"role": "user", "content": p}] for p in prompts]
+    texts = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
     for text in texts:
         print(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hf import strip_wrappers
 from .model import GPT
 
 POOLINGS = ("last", "mean")
@@ -62,9 +61,7 @@ def add_classification_head(model: GPT, num_labels: int, pooling: str = "last", 
     if getattr(model, "head", None) is not None:
         raise ValueError("this model already has a classification head")
     if freeze_base:
-        for name, p in model.named_parameters():
-            if strip_wrappers(name) in model.base_param_names:
-                p.requires_grad_(False)
+        model.freeze_base()
     head = ClassificationHead(model.cfg.embed_dim, num_labels, pooling, bias, labels)
     model.head = head.to(model.embed_tokens.weight.device).train(model.training)
     model.methods["classification_head"] = {"num_labels": num_labels, "pooling": pooling, "bias": bias,

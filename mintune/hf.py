@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .files import atomic_write, read_json, write_json
-from .model import GPT
+from .model import GPT, strip_wrappers
 
 
 class ModelFileError(ValueError):
@@ -162,12 +162,6 @@ def to_hf(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch
     if names.per_head_qkv and module == "attn.qkv_proj":
         return qkv_rows_to_hf(cfg, t)
     return t
-
-
-def strip_wrappers(name: str) -> str:
-    """A parameter or module name with the `.base` steps of method wrappers (LoRA, adapters) removed:
-    'layers.0.attn.q_proj.base.weight' -> 'layers.0.attn.q_proj.weight'."""
-    return re.sub(r"(^|\.)base(?=\.|$)", "", name).lstrip(".")
 
 
 # --------------------------------------------------------------------------- safetensors files
@@ -406,10 +400,8 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
     names = NAME_MAPS[model.cfg.family]
     out = {}
-    for n, p in model.named_parameters():
-        n = strip_wrappers(n)
-        if n in model.base_param_names:
-            out[names.hf_param(n)] = to_hf(names, model.cfg, n, p.detach()).contiguous()
+    for n, p in model.named_base_parameters():
+        out[names.hf_param(n)] = to_hf(names, model.cfg, n, p.detach()).contiguous()
     for n, m in model.named_modules():  # an int8 model's scales, in mintune's row order (NeoX's qkv aside)
         if isinstance(m, QuantLinear):
             n = strip_wrappers(n)

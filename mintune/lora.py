@@ -23,8 +23,8 @@ import re
 import torch
 import torch.nn as nn
 
-from .hf import NAME_MAPS, strip_wrappers
-from .model import GPT
+from .hf import NAME_MAPS
+from .model import GPT, strip_wrappers
 
 
 class LoRALinear(nn.Module):
@@ -149,9 +149,7 @@ def apply_lora(model: GPT, r: int = 16, alpha: float = 32, dropout: float = 0.05
     if "lora" in model.methods:
         raise ValueError("this model already has LoRA adapters")
     chosen = resolve_targets(model, targets)
-    for p_name, p in model.named_parameters():
-        if strip_wrappers(p_name) in model.base_param_names:
-            p.requires_grad_(False)
+    model.freeze_base()
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -17,6 +17,7 @@ Ainslie et al. 2023, https://arxiv.org/abs/2305.13245 (grouped-query attention).
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,12 @@ ACTIVATIONS = {
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter or module name with the `.base` steps of method wrappers (LoRA, adapters) removed:
+    'layers.0.attn.q_proj.base.weight' -> 'layers.0.attn.q_proj.weight'."""
+    return re.sub(r"(^|\.)base(?=\.|$)", "", name).lstrip(".")
 
 
 class RMSNorm(nn.Module):
@@ -292,6 +299,19 @@ class GPT(nn.Module):
         # names of the model's own parameters (a tied head counts once), before any method adds its own
         self.base_param_names = frozenset(n for n, _ in self.named_parameters())
 
+    def named_base_parameters(self):
+        """(name, parameter) of the model's own weights, under their names without method wrappers;
+        the parameters that fine-tuning methods add (LoRA A/B, adapters, prompts, heads) are left out."""
+        for name, p in self.named_parameters():
+            name = strip_wrappers(name)
+            if name in self.base_param_names:
+                yield name, p
+
+    def freeze_base(self) -> None:
+        """Stop every weight of the model itself from training (methods then add what trains)."""
+        for _, p in self.named_base_parameters():
+            p.requires_grad_(False)
+
     def init_weights(self, std: float = 0.02) -> None:
         """Random init for models not loaded from a checkpoint (a no-op on the meta device)."""
         for m in self.modules():
@@ -329,63 +349,90 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         n_virtual = self.prompt.n_tokens if self.prompt is not None else 0
         past = cache.length if cache is not None else 0   # cached positions, virtual ones included
-        prepend = n_virtual > 0 and past == 0
+        prepend = n_virtual > 0 and past == 0             # the soft prompt enters on a sequence's first forward
+        mask = self._key_mask(attention_mask, B, T, past, n_virtual, input_ids.device)  # (B, past + T [+ n])
+        if n_virtual and position_ids is not None and segment_ids is None:
+            raise ValueError("position_ids cannot be given to a model with a soft prompt")
+        if segment_ids is not None:
+            position_ids, segment_ids = self._packed(segment_ids, position_ids, (B, T), cache, n_virtual, prepend)
+        if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]     # (B, T or n + T)
+        keys = Keys(mask.bool(), segment_ids)
+
+        x = self._embed(input_ids, position_ids, prepend)                           # (B, T or n + T, C)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        x = self._blocks(x, rope, keys, cache)
+        if prepend:
+            x = x[:, n_virtual:]                                                    # (B, T, C)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)                                                 # (B, T, E)
+        return x
+
+    def _key_mask(self, attention_mask, B: int, T: int, past: int, n_virtual: int, device) -> torch.Tensor:
+        """The attention mask over every key position: the caller's (B, real past + T), with the soft
+        prompt's n always-visible positions in front when the model has one."""
         real_past = past - n_virtual if n_virtual and past else past
         if attention_mask is None:
-            attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(B, real_past + T, dtype=torch.long, device=device)
         if attention_mask.shape != (B, real_past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"{(B, real_past + T)} (batch, cached {real_past} + new {T} tokens)")
         if n_virtual:
-            if position_ids is not None and segment_ids is None:
-                raise ValueError("position_ids cannot be given to a model with a soft prompt")
-            ones = attention_mask.new_ones(B, n_virtual)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)                   # (B, n + real_past + T)
-        if segment_ids is not None:  # packed documents, each on its own (training: no cache)
-            if cache is not None:
-                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-            if segment_ids.shape != (B, T):
-                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected {(B, T)}")
-            if position_ids is None:  # each document's positions start at 0 (after any virtual tokens)
-                idx = torch.arange(T, device=input_ids.device).expand(B, T)
-                starts = torch.ones_like(segment_ids, dtype=torch.bool)
-                starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-                position_ids = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values + n_virtual
-                if prepend:
-                    virtual = torch.arange(n_virtual, device=input_ids.device).expand(B, n_virtual)
-                    position_ids = torch.cat([virtual, position_ids], dim=1)                  # (B, n + T)
-            if n_virtual:  # every document sees the soft prompt
-                segment_ids = torch.cat([segment_ids.new_full((B, n_virtual), ops.EVERY_SEGMENT), segment_ids], 1)
-        if position_ids is None:  # positions count real tokens only: the n-th real token sits at n - 1
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T or n + T)
-        keys = Keys(attention_mask.bool(), segment_ids)                                  # (B, past + T)
+            attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual), attention_mask], dim=1)
+        return attention_mask
 
-        x = self.embed_tokens(input_ids)                                                 # (B, T, E)
+    def _packed(self, segment_ids, position_ids, shape, cache, n_virtual: int, prepend: bool):
+        """Packed documents (training: no cache): each one's positions start at 0, after any virtual
+        tokens, and every document sees the soft prompt. Returns (position_ids, segment_ids) of every
+        position the blocks compute."""
+        if cache is not None:
+            raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+        if segment_ids.shape != shape:
+            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected {shape}")
+        B = shape[0]
+        if position_ids is None:
+            position_ids = packed_positions(segment_ids) + n_virtual                 # (B, T)
+            if prepend:
+                virtual = torch.arange(n_virtual, device=segment_ids.device).expand(B, n_virtual)
+                position_ids = torch.cat([virtual, position_ids], dim=1)               # (B, n + T)
+        if n_virtual:
+            every = segment_ids.new_full((B, n_virtual), ops.EVERY_SEGMENT)
+            segment_ids = torch.cat([every, segment_ids], dim=1)                        # (B, n + T)
+        return position_ids, segment_ids
+
+    def _embed(self, input_ids, position_ids, prepend: bool) -> torch.Tensor:
+        """Token embeddings (after the soft prompt, if it enters now), projected in, plus learned positions."""
+        x = self.embed_tokens(input_ids)                                                # (B, T, E)
         if prepend:
-            x = torch.cat([self.prompt(B).to(x.dtype), x], dim=1)                       # (B, n + T, E)
+            x = torch.cat([self.prompt(x.shape[0]).to(x.dtype), x], dim=1)              # (B, n + T, E)
         if self.project_in is not None:
-            x = self.project_in(x)                                                       # (B, T, C)
-        rope = None
+            x = self.project_in(x)                                                      # (B, ·, C)
         if self.embed_positions is not None:
             limit = self.cfg.max_position_embeddings
             if int(position_ids.max()) >= limit:
                 raise ValueError(f"position {int(position_ids.max())} is beyond this model's "
                                  f"max_position_embeddings={limit}")
             x = x + self.embed_positions(position_ids + self.cfg.position_offset)
-        else:
-            rope = self.rotary(position_ids, x.dtype)
-        x = self.drop(x)
+        return self.drop(x)
+
+    def _blocks(self, x, rope, keys: Keys, cache: KVCache | None) -> torch.Tensor:
+        recompute = self.recompute_every and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            if self.recompute_every and i % self.recompute_every == 0 and self.training and torch.is_grad_enabled():
-                x = recompute_block(block, x, rope, keys)  # recomputed in backward (recompute.py)
+            if recompute and i % self.recompute_every == 0:
+                x = recompute_block(block, x, rope, keys)  # activations recomputed in backward (recompute.py)
             else:
                 x = block(x, rope, keys, cache)
         if cache is not None:
             cache.advance(x.shape[1])
-        if prepend:
-            x = x[:, n_virtual:]                                                         # (B, T, C)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)
         return x
+
+
+def packed_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that start again at 0 with each packed document: segment_ids (B, T) -> (B, T)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values

@@ -21,14 +21,7 @@ import torch.nn as nn
 
 
 from . import ops
-from .hf import strip_wrappers
 from .model import GPT, Keys, KVCache
-
-
-def _freeze_base(model: GPT) -> None:
-    for name, p in model.named_parameters():
-        if strip_wrappers(name) in model.base_param_names:
-            p.requires_grad_(False)
 
 
 def _random_ids(model: GPT, n: int) -> list[int]:
@@ -78,7 +71,7 @@ def apply_prompt_tuning(model: GPT, n_tokens: int = 20, init_text: str | None = 
     ids = _init_ids(tokenizer, init_text, n_tokens) if init_text is not None else _random_ids(model, n_tokens)
     with torch.no_grad():
         prompt.embedding.copy_(emb[torch.tensor(ids, device=emb.device)].float())
-    _freeze_base(model)
+    model.freeze_base()
     model.prompt = prompt.train(model.training)
     model.methods["prompt_tuning"] = {"n_tokens": n_tokens, "encoder_hidden": encoder_hidden,
                                       "init_text": init_text}
@@ -127,7 +120,7 @@ def apply_prefix_tuning(model: GPT, n_tokens: int = 20, init_text: str | None = 
         for i, p in enumerate(prefixes):
             p.k.copy_(cache.k[i][0].transpose(0, 1).float())  # (n, n_kv_head, hd)
             p.v.copy_(cache.v[i][0].transpose(0, 1).float())
-    _freeze_base(model)
+    model.freeze_base()
     for layer, p in zip(model.layers, prefixes):
         _attention(layer).prefix = p.train(model.training)
     model.methods["prefix_tuning"] = {"n_tokens": n_tokens, "init_text": init_text}

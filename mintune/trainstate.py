@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .files import default_mode, read_json, write_json
-from .hf import strip_wrappers
+from .model import strip_wrappers
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:

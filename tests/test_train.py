@@ -16,7 +16,8 @@ import mintune.trainstate as trainstate
 from mintune.data import DataConfig, DataError, load_task, read_rows
 from mintune.evaluate import class_scores, classification_metrics
 from mintune.loss import lm_loss_sum
-from mintune.train import Config, TrainingError, build_config, load_config, lr_at, train
+from mintune.recipe import Config, TrainSection, build_config, field_docs, load_config, sections
+from mintune.train import TrainingError, lr_at, train
 from tiny_hf import save_chat_model
 
 
@@ -309,7 +310,7 @@ def test_label_scoring_with_the_cache_equals_scoring_each_sequence(chat_dir, toy
 
 
 def test_learning_rate_schedule_by_hand():
-    t = train_mod.TrainSection(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    t = TrainSection(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
     assert [lr_at(s, t) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(9, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     t.schedule = "linear"
@@ -336,8 +337,8 @@ def test_unknown_config_key_suggests_the_close_match(tmp_path):
 
 def test_help_lists_every_field_with_its_comment():
     out = subprocess.run([sys.executable, "-m", "mintune.train", "-h"], capture_output=True, text=True, check=True)
-    for section, cls in train_mod._sections().items():
-        docs = train_mod.field_docs(cls)
+    for section, cls in sections().items():
+        docs = field_docs(cls)
         for f in cls.__dataclass_fields__:
             assert f"--{section}.{f}=" in out.stdout
             assert docs[f] in out.stdout, f"{section}.{f} has no comment"
@@ -414,7 +415,7 @@ def test_too_long_rows_are_cut_and_counted_or_refused(chat_dir, tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss(chat_dir, tmp_path, monkeypatch, policy):
-    real = train_mod._batch_loss
+    real = train_mod.batch_loss
     calls = {"n": 0}
 
     def sometimes_nan(model, batch):
@@ -422,7 +423,7 @@ def test_non_finite_loss(chat_dir, tmp_path, monkeypatch, policy):
         loss, n = real(model, batch)
         return (loss * float("nan"), n) if calls["n"] in (3, 5) else (loss, n)
 
-    monkeypatch.setattr(train_mod, "_batch_loss", sometimes_nan)
+    monkeypatch.setattr(train_mod, "batch_loss", sometimes_nan)
     cfg = tiny_config(chat_dir, tmp_path / policy, train={"max_steps": 6, "nan_policy": policy})
     if policy == "stop":
         with pytest.raises(TrainingError, match=r"step 2: the loss is not finite"):
