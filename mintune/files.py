@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+class ModelFileError(ValueError):
+    """A model file that cannot be used as it is (the message names the file, the tensor or the key)."""
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; a syntax error names the file, line and column."""
     path = Path(path)

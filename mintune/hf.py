@@ -22,12 +22,10 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import atomic_write, read_json, write_json
+from .files import ModelFileError, atomic_write, read_json, write_json
 from .model import GPT, strip_wrappers
-
-
-class ModelFileError(ValueError):
-    """A weight file that does not fit the model (the message names the file and the tensor)."""
+from .quant import (SCALE_SUFFIX, QuantLinear, choose_int8, int8_config, is_norm, quantize_model,
+                    quantize_per_channel, saved_int8)
 
 
 # --------------------------------------------------------------------------- name maps
@@ -272,9 +270,6 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-QUANT_METHOD = "mintune_int8"  # quantization_config.quant_method of checkpoints saved quantized
-
-
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                quantize: str | None = None, group_size: int | None = None) -> GPT:
     """Build the model described by `path/config.json` and fill it from its safetensors weights.
@@ -285,45 +280,42 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     full-precision model never exists in memory; norms are kept in float32. A checkpoint saved
     quantized by mintune (config.json's quantization_config) loads quantized without re-quantizing.
     """
-    from .quant import QuantLinear, check_group_size, is_norm, quantizable, quantize_per_channel
-
     path, dtype, device = Path(path), parse_dtype(dtype), torch.device(device)
     cfg = ModelConfig.from_dir(path)
     names = NAME_MAPS[cfg.family]
-    saved_quant = cfg.hf.get("quantization_config")
-    if saved_quant:
-        if saved_quant.get("quant_method") != QUANT_METHOD:
-            raise ModelFileError(f"{path / 'config.json'}: quantization method {saved_quant.get('quant_method')!r} "
-                                  f"is not supported (mintune reads its own {QUANT_METHOD!r} checkpoints)")
-        if quantize is not None and group_size not in (None, saved_quant.get("group_size")):
-            raise ValueError(f"{path} is saved with group_size={saved_quant.get('group_size')}; "
-                             f"re-quantizing with group_size={group_size} is not possible")
-        quantize, group_size = "int8", saved_quant.get("group_size")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    with torch.device("meta"):
+    saved = saved_int8(cfg.hf, path / "config.json")
+    int8, group_size = choose_int8(saved, quantize, group_size, path)
+    with torch.device("meta"):  # no memory: every tensor is replaced by the one read from disk
         model = GPT(cfg)
-        if quantize:  # swap the block linears for int8 ones before any weight is read
-            for name, module in list(model.named_modules()):
-                if isinstance(module, nn.Linear) and quantizable(name):
-                    check_group_size(group_size, module.in_features, f"{path}: {names.hf_module(name)}")
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, QuantLinear(
-                        module.in_features, module.out_features, module.bias is not None, group_size, dtype))
+        if int8:  # the block linears become int8 layers before any weight is read
+            quantize_model(model, group_size, name_of=lambda n: f"{path}: {names.hf_module(n)}")
+    plan = _plan_reads(model, path, stored_int8=saved is not None)
+    _read_into(model, plan, device, dtype, quantize_as_read=int8 and saved is None)
+    model.tie_weights()
+    model.name_or_path = str(path)
+    if int8:
+        model.quantization = {"bits": 8, "group_size": group_size}
+    return model.eval()
+
+
+def _plan_reads(model: GPT, path: Path, stored_int8: bool) -> list[tuple[Path, dict, str]]:
+    """(file, where the tensor is in it, mintune name) of every tensor to read, after checking every file
+    header, name, dtype and shape against the model (no data is read). With stored_int8, the block
+    linears are int8 in the files, their scales beside them."""
+    cfg = model.cfg
+    names = NAME_MAPS[cfg.family]
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     params = dict(model.named_parameters())  # a tied head appears once, as embed_tokens.weight
     wanted = {names.hf_param(n): n for n in params}
-    if saved_quant:  # the scales are tensors of the checkpoint too
-        wanted.update({f"{names.hf_module(m)}.weight_scale": f"{m}.scales" for m in quantized})
-
-    # 1. check every file and name before reading any data
-    plan: list[tuple[Path, dict, str]] = []  # (file, where the tensor is, mintune name)
+    if stored_int8:  # the scales are tensors of the checkpoint too
+        wanted.update({names.hf_module(m) + SCALE_SUFFIX: f"{m}.scales" for m in quantized})
+    plan = []
     for file, listed in weight_files(path).items():
         header = read_safetensors_header(file)
         for key in listed or []:
             if key not in header:
                 raise ModelFileError(f"{path / 'model.safetensors.index.json'}: says tensor {key!r} is in "
-                                      f"{file.name}, which does not contain it")
+                                     f"{file.name}, which does not contain it")
         unexpected = []
         for key, info in header.items():
             hf_key = names.canonical(key)
@@ -333,35 +325,51 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
                     unexpected.append(key)
                 continue
             name = wanted.pop(hf_key)
-            stored_int8 = saved_quant is not None and name.rsplit(".", 1)[0] in quantized and name.endswith(".weight")
-            if info["dtype"] not in (("I8",) if stored_int8 else _FLOATS):
-                raise ModelFileError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected "
-                                      f"{'int8' if stored_int8 else 'a float type'}")
-            target = model.get_submodule(name.rsplit(".", 1)[0]).scales if name.endswith(".scales") else params[name]
-            expected = tuple(target.shape)
-            if _block_module(name) in names.conv1d and name.endswith(".weight"):
-                expected = expected[::-1]
-            if info["shape"] != expected:
-                raise ModelFileError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
-                                      f"implies {expected}")
+            _check_stored(model, file, key, info, name, int8=stored_int8 and _module(name) in quantized
+                          and name.endswith(".weight"))
             plan.append((file, info, name))
         if unexpected:
             raise ModelFileError(f"{file}: unexpected tensor(s) {', '.join(unexpected[:8])}"
-                                  f"{' ...' if len(unexpected) > 8 else ''}: a {cfg.family} model with this "
-                                  f"config.json has no such weights")
+                                 f"{' ...' if len(unexpected) > 8 else ''}: a {cfg.family} model with this "
+                                 f"config.json has no such weights")
     if wanted:
         missing = sorted(wanted)
         raise ModelFileError(f"{path}: missing tensor(s) {', '.join(missing[:8])}"
-                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+                             f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+    return plan
 
-    # 2. read tensors one by one straight into place
+
+def _check_stored(model: GPT, file: Path, key: str, info: dict, name: str, int8: bool) -> None:
+    """A stored tensor's dtype and shape, against the model's tensor `name` it will fill."""
+    names = NAME_MAPS[model.cfg.family]
+    if info["dtype"] not in (("I8",) if int8 else _FLOATS):
+        raise ModelFileError(f"{file}: tensor {key!r} has dtype {info['dtype']}; expected "
+                             f"{'int8' if int8 else 'a float type'}")
+    target = model.get_submodule(_module(name)).scales if name.endswith(".scales") else model.get_parameter(name)
+    expected = tuple(target.shape)
+    if _block_module(name) in names.conv1d and name.endswith(".weight"):
+        expected = expected[::-1]
+    if info["shape"] != expected:
+        raise ModelFileError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
+                             f"implies {expected}")
+
+
+def _read_into(model: GPT, plan: list[tuple[Path, dict, str]], device: torch.device, dtype: torch.dtype,
+               quantize_as_read: bool) -> None:
+    """Read the planned tensors one by one, file by file front to back, straight into their places:
+    converted to mintune's layout, then to `dtype` on `device` (norms of an int8 model to float32);
+    block linear weights of an int8 model quantized as they are read, one float tensor at a time."""
+    cfg = model.cfg
+    names = NAME_MAPS[cfg.family]
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    int8_model = bool(quantized)
     by_file: dict[Path, list[tuple[dict, str]]] = {}
     for file, info, name in plan:
         by_file.setdefault(file, []).append((info, name))
     for file, items in by_file.items():
         with open(file, "rb") as f:
-            for info, name in sorted(items, key=lambda item: item[0]["start"]):  # read front to back
-                module = name.rsplit(".", 1)[0]
+            for info, name in sorted(items, key=lambda item: item[0]["start"]):
+                module = _module(name)
                 t = read_safetensors_tensor(f, info)
                 if name.endswith(".scales"):  # kept in mintune's row order, only GPT-NeoX's fused rows move
                     if names.per_head_qkv and module.endswith("attn.qkv_proj"):
@@ -370,19 +378,19 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
                     continue
                 t = to_mintune(names, cfg, name, t)
                 if module in quantized and name.endswith(".weight"):
-                    if not saved_quant:  # quantize as read: one float tensor at a time
-                        t, scales = quantize_per_channel(t.to(device=device, dtype=torch.float32), group_size,
-                                                         overwrite=True)
+                    if quantize_as_read:
+                        t, scales = quantize_per_channel(t.to(device=device, dtype=torch.float32),
+                                                         model.get_submodule(module).group_size, overwrite=True)
                         model.get_submodule(module)._buffers["scales"] = scales
                     _assign(model, name, t.to(device).contiguous())
                     continue
-                target = torch.float32 if quantize and is_norm(name) else dtype  # int8 models keep norms in fp32
+                target = torch.float32 if int8_model and is_norm(name) else dtype
                 _assign(model, name, t.to(device=device, dtype=target).contiguous())
-    model.tie_weights()
-    model.name_or_path = str(path)
-    if quantize:
-        model.quantization = {"bits": 8, "group_size": group_size}
-    return model.eval()
+
+
+def _module(name: str) -> str:
+    """'layers.0.attn.q_proj.weight' -> 'layers.0.attn.q_proj'."""
+    return name.rsplit(".", 1)[0]
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -396,8 +404,6 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The model's base weights under the family's own names and layouts (a tied head is left out, as HF
     does; the parameters of fine-tuning methods are left out too: merge LoRA first to keep its effect)."""
-    from .quant import QuantLinear
-
     names = NAME_MAPS[model.cfg.family]
     out = {}
     for n, p in model.named_base_parameters():
@@ -408,7 +414,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             s = m.scales.detach()
             if names.per_head_qkv and n.endswith("attn.qkv_proj"):
                 s = qkv_rows_to_hf(model.cfg, s)
-            out[f"{names.hf_module(n)}.weight_scale"] = s.contiguous()
+            out[names.hf_module(n) + SCALE_SUFFIX] = s.contiguous()
     return out
 
 
@@ -466,10 +472,7 @@ def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5
     hf = dict(cfg.hf)
     hf.pop("quantization_config", None)
     if getattr(model, "quantization", None):  # int8 weights and their scales; mintune reads this back
-        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8,
-                                     "group_size": model.quantization["group_size"],
-                                     "note": "block linear weights int8 (…_proj.weight) with float32 scales "
-                                             "(…_proj.weight_scale, one per output row or per group)"}
+        hf["quantization_config"] = int8_config(model.quantization["group_size"])
     hf["dtype"] = dtype
     if "torch_dtype" in hf:
         hf["torch_dtype"] = dtype

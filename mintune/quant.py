@@ -8,13 +8,23 @@ Only the linear layers inside the blocks are quantized; embeddings, the head and
 compute dtype and norms in float32. A quantized model is built by `load_model(..., quantize="int8")`,
 which quantizes each weight as it is read, so the full-precision model never exists in memory.
 The matmul runs through `ops.int8_linear`: the fused Triton kernel on a GPU, the reference elsewhere.
+
+On disk (`save_pretrained` of an int8 model; `load_model` reads it back without re-quantizing) a
+quantized model is a Hugging Face directory whose block linears hold int8 weights ("<module>.weight",
+dtype I8) with their float32 scales beside them ("<module>.weight_scale"), and whose config.json says so:
+
+    "quantization_config": {"quant_method": "mintune_int8", "bits": 8, "group_size": null or G}
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from . import ops
+from .files import ModelFileError
 
 
 def check_group_size(group_size: int | None, K: int, name: str = "weight") -> None:
@@ -90,11 +100,15 @@ def quantizable(name: str) -> bool:
     return name.startswith("layers.") and name.rsplit(".", 1)[-1].endswith("_proj")
 
 
-def quantize_model(model: nn.Module, group_size: int | None = None) -> list[str]:
-    """Swap every block linear layer of a float model for a QuantLinear, in place; norms to float32."""
+def quantize_model(model: nn.Module, group_size: int | None = None,
+                   name_of: Callable[[str], str] = str) -> list[str]:
+    """Swap every block linear layer of a float model for a QuantLinear, in place; norms to float32.
+    (On the meta device this builds the empty int8 model that loading fills.) `name_of` names a layer
+    in error messages."""
     done = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and quantizable(name):
+            check_group_size(group_size, module.in_features, name_of(name))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, QuantLinear.from_linear(module, group_size))
             done.append(name)
@@ -113,3 +127,41 @@ def norms_to_float32(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if is_norm(name):
             p.data = p.data.float()
+
+
+# --------------------------------------------------------------------------- int8 checkpoints on disk
+
+QUANT_METHOD = "mintune_int8"  # quantization_config.quant_method of checkpoints saved quantized
+SCALE_SUFFIX = ".weight_scale"  # "<module>.weight_scale": the scales stored beside an int8 weight
+
+
+def int8_config(group_size: int | None) -> dict:
+    """The quantization_config that config.json carries for an int8 model."""
+    return {"quant_method": QUANT_METHOD, "bits": 8, "group_size": group_size,
+            "note": "block linear weights int8 (…_proj.weight) with float32 scales "
+                    "(…_proj.weight_scale, one per output row or per group)"}
+
+
+def saved_int8(hf_config: dict, config_file: Path) -> dict | None:
+    """The quantization_config of a checkpoint saved quantized by mintune, or None for a float one."""
+    saved = hf_config.get("quantization_config")
+    if not saved:
+        return None
+    if not isinstance(saved, dict) or saved.get("quant_method") != QUANT_METHOD:
+        method = saved.get("quant_method") if isinstance(saved, dict) else saved
+        raise ModelFileError(f"{config_file}: quantization method {method!r} is not supported "
+                             f"(mintune reads its own {QUANT_METHOD!r} checkpoints)")
+    return saved
+
+
+def choose_int8(saved: dict | None, quantize: str | None, group_size: int | None,
+                path: Path) -> tuple[bool, int | None]:
+    """(int8 or not, group size) for loading: what the checkpoint was saved with, or what was asked."""
+    if saved:
+        if quantize is not None and group_size not in (None, saved.get("group_size")):
+            raise ValueError(f"{path} is saved with group_size={saved.get('group_size')}; "
+                             f"re-quantizing with group_size={group_size} is not possible")
+        return True, saved.get("group_size")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    return quantize == "int8", group_size
