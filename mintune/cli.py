@@ -7,7 +7,10 @@ exit status 2, not in a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import sys
+
+import torch
 
 # A bad file, directory, config value or argument: the message already names it.
 USER_ERRORS = (OSError, ValueError)
@@ -21,3 +24,23 @@ def run_command(work, also: tuple[type[BaseException], ...] = ()) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --quantize, --group-size, --device: how a command line loads a model."""
+    ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="with --quantize int8: one scale per this many inputs (default: one per output channel)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+
+
+def load_model_from(args: argparse.Namespace):
+    """The model and tokenizer that add_model_options' arguments describe."""
+    from .hf import load_model
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                       group_size=args.group_size)
+    return model, load_tokenizer(args.model)

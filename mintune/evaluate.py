@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_command
+from .cli import add_model_options, load_model_from, run_command
 from .data import IGNORE, collate, read_rows, row_field
 from .generation import generate_ids
 from .heads import classify
-from .hf import load_model
 from .loss import batch_loss, lm_loss_sum
 from .model import GPT, KVCache
-from .tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -224,22 +222,18 @@ def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.evaluate",
                                  description="Perplexity of a model on a text file or a JSONL file.")
-    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    add_model_options(ap)
     ap.add_argument("--data", required=True, nargs="+",
                     help=".jsonl files (one text per row) or plain text files (one text per paragraph)")
     ap.add_argument("--field", default="text", help="the JSONL field holding the text")
     ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     return run_command(lambda: _evaluate_files(args))
 
 
 def _evaluate_files(args) -> None:
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    tok = load_tokenizer(args.model)
+    model, tok = load_model_from(args)
     for path in args.data:
         texts = read_texts(path, args.field)
         nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
