@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -208,8 +209,6 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3"
 
 def _f32(x: float) -> float:
     """A float32 from the metadata as the shortest decimal that reads back as it (1e-05, not 9.99999974e-06)."""
-    import numpy as np
-
     return float(str(np.float32(x)))
 
 
