@@ -242,7 +242,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}  # llama.cpp's names, as the writer uses them
+_SPLITS = {**PRE_TOKENIZER_SPLITS, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
 _GPT2_LIKE = ("gpt-2", "default", "gpt2", "smollm")  # "gpt-2" is llama.cpp's name; the others as found in files
 
 

@@ -30,6 +30,7 @@ import json
 import struct
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,7 +40,7 @@ import torch
 from .files import atomic_write
 from .gguf_arch import (ALWAYS_OUTPUT, ROPE_FREQS, ROTATES_PAIRS, GGUFError, gguf_metadata, gguf_tensor_name,
                         permute_qk, rope_freq_factors)
-from .hf import strip_wrappers
+from .hf import _block_module, strip_wrappers
 
 EXPORT_TYPES = ("f32", "f16", "q8_0")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # general.file_type: llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
@@ -84,7 +85,7 @@ def export_gguf(model, tokenizer, path: str | Path, type: str = "q8_0", name: st
     name = name or Path(getattr(model, "name_or_path", None) or cfg.family).name
     metadata = {"general.architecture": arch, "general.name": name, "general.file_type": _FILE_TYPES[type],
                 "general.quantization_version": _QUANTIZATION_VERSION, "general.alignment": ALIGNMENT,
-                **arch_md, **tokenizer_metadata(tokenizer, cfg.vocab_size, arch)}
+                **arch_md, **tokenizer_metadata(tokenizer, cfg.vocab_size)}
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     atomic_write(path, lambda tmp: _write_gguf(tmp, metadata, tensors))
@@ -157,9 +158,8 @@ def _plan_tensors(model, arch: str, type: str, notes: list[str]) -> list[_Tensor
         if name == "lm_head.weight" and cfg.tie_word_embeddings and arch not in ALWAYS_OUTPUT:
             continue  # llama.cpp reuses token_embd
         gname = gguf_tensor_name(name)
-        module = name.rsplit(".", 1)[0].split(".", 2)[-1] if name.startswith("layers.") else ""
-        if arch in ROTATES_PAIRS and module in heads:
-            value = (lambda v, h: lambda: permute_qk(v(), h))(value, heads[module])
+        if arch in ROTATES_PAIRS and _block_module(name) in heads:
+            value = partial(_permuted, value, heads[_block_module(name)])
         ggml_type = _tensor_type(gname, shape, type)
         if type == "q8_0" and ggml_type == F16:
             f16_rows.append(gname)
@@ -168,6 +168,10 @@ def _plan_tensors(model, arch: str, type: str, notes: list[str]) -> list[_Tensor
         notes.append(f"q8_0: {len(f16_rows)} weights whose rows are not a multiple of 32 values are written as "
                      f"f16 ({', '.join(f16_rows[:3])}{', ...' if len(f16_rows) > 3 else ''})")
     return plan
+
+
+def _permuted(value: Callable[[], torch.Tensor], n_head: int) -> torch.Tensor:
+    return permute_qk(value(), n_head)
 
 
 def _tensor_type(gguf_name: str, shape: tuple[int, ...], type: str) -> int:
@@ -211,42 +215,33 @@ def _encode(t: _Tensor) -> Iterator[np.ndarray]:
 
 # --------------------------------------------------------------------------- tokenizer
 
-def tokenizer_metadata(tok, vocab_size: int, arch: str = "model") -> dict:
+def tokenizer_metadata(tok, vocab_size: int) -> dict:
     """tokenizer.* metadata of a byte-level BPE tokenizer for a model with `vocab_size` embedding rows."""
-    from .gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from .gguf import PRE_TOKENIZER_SPLITS
 
+    source = f"tokenizer of {tok.path}"
     spec = json.loads(tok.backend.to_str())
-    bpe = spec["model"]
-    odd = {k: bpe.get(k) for k in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix")
-           if bpe.get(k)}
-    if bpe["type"] != "BPE" or bpe.get("byte_fallback") or odd or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise GGUFError(f"tokenizer of {tok.path}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM "
-                        f"style) can be written as GGUF; this one is {bpe['type']} {odd or ''} with decoder "
-                        f"{(spec.get('decoder') or {}).get('type')!r}")
+    bpe, decoder = spec["model"], (spec.get("decoder") or {}).get("type")
+    odd = {k: bpe.get(k) for k in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix",
+                                   "byte_fallback") if bpe.get(k)}
+    if bpe["type"] != "BPE" or odd or decoder != "ByteLevel":
+        raise GGUFError(f"{source}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style) can be "
+                        f"written as GGUF; this one is {bpe['type']} {odd or ''} with decoder {decoder!r}")
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
-        raise GGUFError(f"tokenizer of {tok.path}: normalizer {spec['normalizer']['type']!r} has no GGUF form")
-    pre = _pre_tokenizer_kind(spec.get("pre_tokenizer"), {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"})
+        raise GGUFError(f"{source}: normalizer {spec['normalizer']['type']!r} has no GGUF form")
+    pre = _pre_tokenizer_kind(source, spec.get("pre_tokenizer"), {v: k for k, v in PRE_TOKENIZER_SPLITS.items()})
     if bpe.get("ignore_merges") and pre != "llama-bpe":
-        raise GGUFError(f"tokenizer of {tok.path}: ignore_merges with pre-tokenizer {pre!r} has no GGUF form")
-    by_id = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
-    if max(by_id) >= vocab_size:
-        raise GGUFError(f"tokenizer of {tok.path} has token ids up to {max(by_id)}, the model only "
-                        f"{vocab_size} embedding rows")
-    added = tok.backend.get_added_tokens_decoder()
-    tokens, types = [], []
-    for i in range(vocab_size):  # ids without a token (embedding rows padded beyond the vocabulary) get placeholders
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        types.append(_TOKEN_UNUSED if i not in by_id else _TOKEN_NORMAL if i not in added
-                     else _TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+        raise GGUFError(f"{source}: ignore_merges with pre-tokenizer {pre!r} has no GGUF form")
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
     if any(m.count(" ") != 1 for m in merges):
-        raise GGUFError(f"tokenizer of {tok.path}: a merge contains a space, which GGUF's 'a b' merges cannot hold")
-    add_bos, add_eos = _added_special_tokens(tok)
+        raise GGUFError(f"{source}: a merge contains a space, which GGUF's 'a b' merges cannot hold")
+    tokens, types = _tokens_and_types(source, tok, vocab_size)
+    add_bos, add_eos = _added_special_tokens(source, tok)
+    pad = tok.special_tokens.get("pad_token")
     md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
           "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
-    for key, token_id in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
-                          ("unknown_token_id", tok.unk_id),
-                          ("padding_token_id", tok.token_to_id(tok.special_tokens.get("pad_token", "")))):
+    for key, token_id in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("unknown_token_id", tok.unk_id),
+                          ("padding_token_id", tok.token_to_id(pad) if pad is not None else None)):
         if token_id is not None:
             md[f"tokenizer.ggml.{key}"] = token_id
     md["tokenizer.ggml.add_bos_token"], md["tokenizer.ggml.add_eos_token"] = add_bos, add_eos
@@ -259,7 +254,22 @@ def tokenizer_metadata(tok, vocab_size: int, arch: str = "model") -> dict:
     return md
 
 
-def _pre_tokenizer_kind(pre: dict | None, splits: dict[str, str]) -> str:
+def _tokens_and_types(source: str, tok, vocab_size: int) -> tuple[list[str], list[int]]:
+    """One token per embedding row, and its llama.cpp type: added special tokens are control tokens, other
+    added tokens user-defined; rows past the vocabulary (padded embeddings) get unused placeholders."""
+    by_id = {i: t for t, i in tok.backend.get_vocab(with_added_tokens=True).items()}
+    if max(by_id) >= vocab_size:
+        raise GGUFError(f"{source} has token ids up to {max(by_id)}, the model only {vocab_size} embedding rows")
+    added = tok.backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(_TOKEN_UNUSED if i not in by_id else _TOKEN_NORMAL if i not in added
+                     else _TOKEN_CONTROL if added[i].special else _TOKEN_USER_DEFINED)
+    return tokens, types
+
+
+def _pre_tokenizer_kind(source: str, pre: dict | None, splits: dict[str, str]) -> str:
     """llama.cpp's name (tokenizer.ggml.pre) for the way this tokenizer splits text before BPE."""
     def byte_level(p, regex):
         return p.get("type") == "ByteLevel" and not p.get("add_prefix_space") and p.get("use_regex", True) == regex
@@ -273,11 +283,11 @@ def _pre_tokenizer_kind(pre: dict | None, splits: dict[str, str]) -> str:
             and not parts[0].get("invert") and byte_level(parts[1], False)
             and parts[0].get("pattern", {}).get("Regex") in splits):
         return splits[parts[0]["pattern"]["Regex"]]
-    raise GGUFError(f"pre-tokenizer {json.dumps(pre)[:300]} has no name llama.cpp knows (mintune writes gpt-2, "
-                    f"smollm, {', '.join(splits.values())})")
+    raise GGUFError(f"{source}: pre-tokenizer {json.dumps(pre)[:300]} has no name llama.cpp knows (mintune "
+                    f"writes gpt-2, smollm, {', '.join(splits.values())})")
 
 
-def _added_special_tokens(tok) -> tuple[bool, bool]:
+def _added_special_tokens(source: str, tok) -> tuple[bool, bool]:
     """Whether encode() puts the BOS token before and the EOS token after a text (GGUF's only two options)."""
     plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
     for start in range(len(full) - len(plain) + 1):
@@ -285,7 +295,7 @@ def _added_special_tokens(tok) -> tuple[bool, bool]:
             before, after = full[:start], full[start + len(plain):]
             if before in ([], [tok.bos_id]) and after in ([], [tok.eos_id]):
                 return bool(before), bool(after)
-    raise GGUFError(f"tokenizer of {tok.path} adds {full} around {plain}; GGUF can only say 'add BOS' and 'add EOS'")
+    raise GGUFError(f"{source} adds {full} around {plain}; GGUF can only say 'add BOS' and 'add EOS'")
 
 
 # --------------------------------------------------------------------------- the file

@@ -282,6 +282,38 @@ def test_transformers_loads_the_file_and_agrees(tiny, exported, tmp_path, key, t
         assert tok.apply_chat_template(messages) == their_tok.apply_chat_template(messages, tokenize=False)
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # as in Llama 3's and Qwen2's own tokenizer.json files
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_kinds(tiny, tmp_path, pre):
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    backend = gpt2_backend()
+    if pre == "smollm":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    (tmp_path / "tok").mkdir()
+    backend.save(str(tmp_path / "tok" / "tokenizer.json"))
+    tok = mintune.load_tokenizer(tmp_path / "tok")
+    path = mintune.export_gguf(tiny("qwen3")[2], tok, tmp_path / "m.gguf", type="f16")
+    assert read_gguf(path).metadata["tokenizer.ggml.pre"] == pre
+    back = mintune.load_tokenizer(convert(path, tmp_path / "hf"))
+    # transformers' GGUF tokenizer knows no "smollm" kind (it splits digits the GPT-2 way there)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf") if pre != "smollm" else None
+    for s in TRICKY_STRINGS:
+        assert back.encode(s) == tok.encode(s), s
+        if theirs is not None:
+            assert theirs.encode(s) == tok.encode(s), s
+
+
 # ---- Q8_0 blocks --------------------------------------------------------------------------------------------
 
 def test_q8_0_blocks_bit_for_bit_with_llama_cpps_quantizer():
