@@ -4,7 +4,7 @@
     family (config.json)   GGUF general.architecture   rotary pairs    output.weight
     llama, mistral         llama                       adjacent (*)    only when not tied
     qwen2, qwen3           qwen2, qwen3                halves          only when not tied
-    gpt2                   gpt2                        (learned)       always
+    gpt2                   gpt2                        (learned)       only when not tied
     gpt_neox               gptneox                     halves          always (llama.cpp requires it)
 
 (*) llama.cpp's "llama" rotary code turns adjacent pairs of a head's dimensions, Hugging Face's turns
@@ -41,7 +41,7 @@ ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3
                   "gpt_neox": "gptneox"}
 FAMILY_OF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "gptneox": "gpt_neox"}
 ROTATES_PAIRS = {"llama"}            # q/k rows reordered for llama.cpp's adjacent-pair rotary
-ALWAYS_OUTPUT = {"gpt2", "gptneox"}  # output.weight written even when the head is tied to the embedding
+ALWAYS_OUTPUT = {"gptneox"}         # output.weight written even when the head is tied to the embedding
 ROPE_FREQS = "rope_freqs.weight"     # llama.cpp's per-frequency divisors (Llama 3 rotary scaling)
 ROPE_SCALING_KEY = "mintune.rope_scaling"  # the Llama 3 parameters behind rope_freqs, as JSON
 
@@ -169,7 +169,7 @@ def _check_exportable(cfg: ModelConfig, arch: str, notes: list[str]) -> None:
     for feature, (has, wants) in needs.items():
         if has != wants:
             raise GGUFError(f"this {cfg.family} model cannot be exported as GGUF architecture {arch!r}: "
-                            f"its {feature} is {has!r}, llama.cpp's {arch} computes {wants!r}")
+                            f"its {feature} is {has!r}, where llama.cpp's {arch} has {wants!r}")
     if not llama_like and cfg.activation not in ("gelu",) + _GELU_TANH:
         raise GGUFError(f"this {cfg.family} model uses activation {cfg.activation!r}; llama.cpp's {arch} computes GELU")
     if cfg.activation == "gelu" and not llama_like:
@@ -192,9 +192,10 @@ def _rope_scaling_metadata(cfg: ModelConfig, arch: str) -> dict:
             raise GGUFError("yarn rotary scaling with truncate=False has no GGUF key llama.cpp reads")
         md = {f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": float(s["factor"]),
               f"{arch}.rope.scaling.original_context_length": int(s["original_max_position_embeddings"])}
-        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):  # llama.cpp's llama/qwen read no key for these
             if s.get(key) is not None and float(s[key]) != default:
-                md[f"{arch}.rope.scaling.yarn_{key}"] = float(s[key])
+                raise GGUFError(f"yarn rotary scaling with {key}={s[key]!r} (not {default:g}) has no GGUF key "
+                                f"llama.cpp's {arch} reads")
         return md
     if kind == "llama3" and arch == "llama":  # a rope_freqs tensor carries it; see the module docstring
         return {ROPE_SCALING_KEY: json.dumps(s, sort_keys=True)}

@@ -130,9 +130,9 @@ def expected_tensors(hf) -> dict[str, np.ndarray]:
             w = llama_cpp_permute(w, c.num_attention_heads if ".attn_q." in gname else c.num_key_value_heads)
         out[gname] = np.ascontiguousarray(w)
     if c.tie_word_embeddings:
-        if family in ("gpt2", "gpt_neox"):  # llama.cpp needs output.weight for these
+        if family == "gpt_neox":  # llama.cpp requires output.weight there
             out["output.weight"] = out["token_embd.weight"]
-        else:
+        else:  # the others reuse token_embd
             out.pop("output.weight", None)
     rope = getattr(c, "rope_parameters", None) or {}
     if rope.get("rope_type") == "llama3":  # llama.cpp divides each frequency by rope_freqs
@@ -346,6 +346,15 @@ def test_unknown_type_unsupported_families_and_features_are_refused(tiny, tmp_pa
     with pytest.raises(GGUFError, match=r"carries prompt_tuning"):
         mintune.export_gguf(prompted, tok, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_yarn_settings_llama_cpp_does_not_read_are_refused(tmp_path):
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+            "beta_fast": 16.0}
+    save_tiny(tmp_path / "m", "qwen2", rope_parameters=yarn)
+    model, tok = mintune.load_model(tmp_path / "m"), mintune.load_tokenizer(tmp_path / "m")
+    with pytest.raises(GGUFError, match=r"yarn rotary scaling with beta_fast=16.0 \(not 32\)"):
+        mintune.export_gguf(model, tok, tmp_path / "m.gguf")
 
 
 def test_sentencepiece_tokenizer_is_refused(tiny, tmp_path):
