@@ -104,7 +104,7 @@ def gguf_name(name: str) -> str:
     return f"{HF_TO_GGUF[module]}.{param}"
 
 
-def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2"):
+def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2", skip=()):
     """A tiny Llama + byte-level tokenizer as llama.cpp would store it; returns (hf model with the
     dequantized weights, tokenizer backend)."""
     tok = gpt2_backend()
@@ -140,7 +140,8 @@ def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2"):
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         qtype = Q.F32 if data.ndim == 1 else QTYPES[i % len(QTYPES)]
         packed = gguf_quantize(data, qtype)
-        w.add_tensor(gguf_name(name), packed, raw_dtype=qtype)
+        if gguf_name(name) not in skip:
+            w.add_tensor(gguf_name(name), packed, raw_dtype=qtype)
         back = gguf_dequantize(packed, qtype).reshape(data.shape).astype(np.float32)
         if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
@@ -229,6 +230,13 @@ def test_architecture_mintune_does_not_convert(tmp_path):
     write_tiny_llama_gguf(tmp_path / "g.gguf", arch="falcon")
     with pytest.raises(GGUFError, match=r"g\.gguf: architecture 'falcon' is not supported"):
         convert(tmp_path / "g.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "m.gguf", skip=("blk.1.ffn_down.weight",))
+    with pytest.raises(GGUFError, match=r"m\.gguf: missing tensor\(s\) blk\.1\.ffn_down\.weight"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
