@@ -45,11 +45,10 @@ from .hf import _block_module, strip_wrappers
 EXPORT_TYPES = ("f32", "f16", "q8_0")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # general.file_type: llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 F32, F16, Q8_0 = 0, 1, 8                        # ggml tensor types
-_TYPE_NAMES = {F32: "f32", F16: "f16", Q8_0: "q8_0"}
 ALIGNMENT = 32
 _QUANTIZATION_VERSION = 2                       # ggml's GGML_QNT_VERSION, written by llama.cpp's converter
 _METHODS_KEPT = ("full", "partial", "lora")     # methods that change only the transformer's own weights
-_CHUNK_ROWS = 1 << 16                           # rows encoded at a time: bounds the temporaries of big tensors
+_CHUNK_VALUES = 1 << 24                         # values encoded at a time (64 MB in float32): bounds the temporaries
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # tokenizer.ggml.token_type
 
 
@@ -205,8 +204,9 @@ def _encode(t: _Tensor) -> Iterator[np.ndarray]:
     if t.ggml_type == F16 and w.abs().max() > torch.finfo(torch.float16).max:
         raise GGUFError(f"tensor {t.name!r} has values beyond float16's range (65504); export it as f32")
     rows = w.reshape(-1, t.shape[-1])
-    for start in range(0, rows.shape[0], _CHUNK_ROWS):
-        chunk = rows[start:start + _CHUNK_ROWS]
+    step = max(1, _CHUNK_VALUES // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
         if t.ggml_type == Q8_0:
             yield quantize_q8_0(chunk).numpy()
         else:
