@@ -35,6 +35,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .cli import run_command
 from .config import ModelConfig
 from .files import default_mode, write_json
-from .gguf_arch import (ROPE_FREQS, ROTATES_PAIRS, GGUFError, check_rope_freqs, gguf_tensor_name, hf_config,
+from .gguf_arch import (PRE_TOKENIZER_SPLITS, ROPE_FREQS, ROTATES_PAIRS, GGUFError, check_rope_freqs, gguf_tensor_name, hf_config,
                         mintune_param_name, permute_qk, unpermute_qk)
+from .gguf_export import export_dir
+from .hf import NAME_MAPS, to_hf
+from .model import GPT
 
 __all__ = ["GGUFError", "GGUFFile", "GGUFTensor", "read_gguf", "read_gguf_tensor", "dequantize_gguf", "convert",
            "hf_config", "hf_tokenizer", "permute_qk", "unpermute_qk", "main"]
@@ -214,9 +219,6 @@ def read_gguf_tensor(g: GGUFFile, name: str) -> torch.Tensor:
 def _hf_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     """{GGUF tensor: (mintune parameter, Hugging Face tensor)}, every name and shape checked against the
     model config.json describes (a model built on the meta device) before any data is read."""
-    from .hf import NAME_MAPS
-    from .model import GPT
-
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in GPT(cfg).named_parameters()}
     names, plan = NAME_MAPS[cfg.family], {}
@@ -238,12 +240,8 @@ def _hf_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
 
 # Split patterns by `tokenizer.ggml.pre` for vocabularies not split the GPT-2 way (these regular
 # expressions are the ones the models' own tokenizers were trained with); byte-level encoding follows.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}  # llama.cpp's names, as the writer uses them
-_SPLITS = {**PRE_TOKENIZER_SPLITS, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+_SPLITS = {**PRE_TOKENIZER_SPLITS, "llama3": PRE_TOKENIZER_SPLITS["llama-bpe"],
+           "llama-v3": PRE_TOKENIZER_SPLITS["llama-bpe"]}  # older names of the same split
 _GPT2_LIKE = ("gpt-2", "default", "gpt2", "smollm")  # "gpt-2" is llama.cpp's name; the others as found in files
 
 
@@ -313,8 +311,6 @@ def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     Everything is written into a temporary directory beside out_dir and renamed at the end, so out_dir
     either does not exist or is complete.
     """
-    from .hf import NAME_MAPS, to_hf
-
     g, out = read_gguf(gguf_path), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -400,22 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in ("convert", "export") and not argv[0].startswith("-"):
         argv.insert(0, "convert")  # the older form: python -m mintune.gguf MODEL.gguf OUT_DIR
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "convert":
-            print(convert(args.gguf, args.out, overwrite=args.overwrite))
-        else:
-            _export(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "convert":
+        return run_command(lambda: print(convert(args.gguf, args.out, overwrite=args.overwrite)))
+    return run_command(lambda: _export(args))
 
 
 def _export(args) -> None:
-    import time
-
-    from .gguf_export import export_dir
-
     start = time.perf_counter()
     path = export_dir(args.model, args.out, args.type, args.adapter, args.overwrite)
     counts: dict[str, int] = {}

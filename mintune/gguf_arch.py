@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .model import rope_inv_freq
 
 
 class GGUFError(ValueError):
@@ -54,6 +55,15 @@ _BLOCK = {"attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "att
           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 _TOP_BACK = {v: k for k, v in _TOP.items()}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
+
+
+# Pre-tokenizers by llama.cpp's name (tokenizer.ggml.pre) that split with a regex before byte-level BPE;
+# the reader builds them, the writer names them.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}  # llama.cpp's names, as the writer uses them
 
 
 def gguf_tensor_name(param: str) -> str:
@@ -94,8 +104,6 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
     """llama.cpp's rope_freqs for a Llama 3 scaled model: unscaled / scaled inverse frequency, per frequency."""
-    from .model import rope_inv_freq
-
     scaled, _ = rope_inv_freq(cfg)
     plain, _ = rope_inv_freq(replace(cfg, rope_scaling=None))
     return plain / scaled

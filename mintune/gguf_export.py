@@ -38,9 +38,14 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .gguf_arch import (ALWAYS_OUTPUT, ROPE_FREQS, ROTATES_PAIRS, GGUFError, gguf_metadata, gguf_tensor_name,
+from .gguf_arch import (PRE_TOKENIZER_SPLITS, ALWAYS_OUTPUT, ROPE_FREQS, ROTATES_PAIRS, GGUFError, gguf_metadata, gguf_tensor_name,
                         permute_qk, rope_freq_factors)
-from .hf import _block_module, strip_wrappers
+from .adapter_files import load_adapter
+from .hf import block_module, load_model
+from .lora import LoRALinear
+from .model import strip_wrappers
+from .quant import QuantLinear, dequantize_per_channel
+from .tokenizer import load_tokenizer
 
 EXPORT_TYPES = ("f32", "f16", "q8_0")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # general.file_type: llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
@@ -112,9 +117,6 @@ def _model_weights(model) -> dict[str, tuple[tuple[int, ...], Callable[[], torch
 
     A LoRA layer not merged yet contributes W + scale·B·A; an int8 layer its dequantized weight q·s.
     """
-    from .lora import LoRALinear
-    from .quant import QuantLinear, dequantize_per_channel
-
     lora = {strip_wrappers(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear) and not m.merged}
     int8 = {strip_wrappers(n): m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     out = {}
@@ -140,8 +142,6 @@ def _model_weights(model) -> dict[str, tuple[tuple[int, ...], Callable[[], torch
 
 
 def _plan_tensors(model, arch: str, type: str, notes: list[str]) -> list[_Tensor]:
-    from .quant import QuantLinear
-
     cfg = model.cfg
     weights = _model_weights(model)
     if int8 := [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
@@ -157,8 +157,8 @@ def _plan_tensors(model, arch: str, type: str, notes: list[str]) -> list[_Tensor
         if name == "lm_head.weight" and cfg.tie_word_embeddings and arch not in ALWAYS_OUTPUT:
             continue  # llama.cpp reuses token_embd
         gname = gguf_tensor_name(name)
-        if arch in ROTATES_PAIRS and _block_module(name) in heads:
-            value = partial(_permuted, value, heads[_block_module(name)])
+        if arch in ROTATES_PAIRS and block_module(name) in heads:
+            value = partial(_permuted, value, heads[block_module(name)])
         ggml_type = _tensor_type(gname, shape, type)
         if type == "q8_0" and ggml_type == F16:
             f16_rows.append(gname)
@@ -217,8 +217,6 @@ def _encode(t: _Tensor) -> Iterator[np.ndarray]:
 
 def tokenizer_metadata(tok, vocab_size: int) -> dict:
     """tokenizer.* metadata of a byte-level BPE tokenizer for a model with `vocab_size` embedding rows."""
-    from .gguf import PRE_TOKENIZER_SPLITS
-
     source = f"tokenizer of {tok.path}"
     spec = json.loads(tok.backend.to_str())
     bpe, decoder = spec["model"], (spec.get("decoder") or {}).get("type")
@@ -352,10 +350,6 @@ def export_dir(model_dir: str | Path, out: str | Path, type: str = "q8_0", adapt
                overwrite: bool = False) -> Path:
     """The command line's export: load a Hugging Face directory (and an adapter), write the GGUF file.
     Nothing in model_dir or adapter is written to."""
-    from .hf import load_model
-    from .methods import load_adapter
-    from .tokenizer import load_tokenizer
-
     check_target(out, type, overwrite)  # before the minutes of loading a big model
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     if adapter is not None:

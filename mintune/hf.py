@@ -124,7 +124,7 @@ ARCHITECTURES = {
 }
 
 
-def _block_module(name: str) -> str | None:
+def block_module(name: str) -> str | None:
     """'layers.3.attn.qkv_proj.weight' -> 'attn.qkv_proj' (None outside the blocks)."""
     m = re.fullmatch(r"layers\.\d+\.(.+)\.(weight|bias)", name)
     return m.group(1) if m else None
@@ -144,7 +144,7 @@ def qkv_rows_to_hf(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
 
 def to_mintune(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """A stored HF tensor -> mintune's layout (transposed Conv1D, fused qkv as [q; k; v])."""
-    module = _block_module(name)
+    module = block_module(name)
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
@@ -154,7 +154,7 @@ def to_mintune(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> 
 
 def to_hf(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_mintune`."""
-    module = _block_module(name)
+    module = block_module(name)
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
@@ -347,7 +347,7 @@ def _check_stored(model: GPT, file: Path, key: str, info: dict, name: str, int8:
                              f"{'int8' if int8 else 'a float type'}")
     target = model.get_submodule(_module(name)).scales if name.endswith(".scales") else model.get_parameter(name)
     expected = tuple(target.shape)
-    if _block_module(name) in names.conv1d and name.endswith(".weight"):
+    if block_module(name) in names.conv1d and name.endswith(".weight"):
         expected = expected[::-1]
     if info["shape"] != expected:
         raise ModelFileError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
