@@ -13,13 +13,16 @@ Saved adapters (`save_adapter` / `load_adapter`):
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write, read_json, write_json
+from .files import default_mode, disk_full_named, read_json, tensor_bytes, write_json
 from .heads import add_classification_head
 from .hf import NAME_MAPS, qkv_rows_to_hf, qkv_rows_to_mintune
 from .lora import apply_lora, linear_layers, lora_layers
@@ -30,6 +33,7 @@ from .prompts import apply_prompt_tuning
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 OWN_CONFIG, OWN_WEIGHTS = "mintune_adapter.json", "mintune_adapter.safetensors"
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, OWN_CONFIG, OWN_WEIGHTS)
 
 
 def _peft_compatible(model: GPT) -> bool:
@@ -42,28 +46,75 @@ def _peft_compatible(model: GPT) -> bool:
 
 
 def save_adapter(model: GPT, path: str | Path) -> Path:
-    """Write what the applied methods trained (see the module docstring for the two layouts)."""
+    """Write what the applied methods trained (see the module docstring for the two layouts).
+
+    The adapter is written whole into a new folder beside `path`, then swapped in by two renames, so a
+    reader never finds a config and tensors from different saves; other files in an old `path` (a
+    README, ...) are carried over. A kill between the renames leaves `path` missing and the old and new
+    adapters beside it as .NAME.old-* and .NAME.new-*: load_adapter names them, the next save puts the
+    old one back before it starts."""
     if not model.methods:
         raise ValueError("no fine-tuning method was applied to this model: nothing to save "
                          "(for a whole model use save_pretrained)")
     if "full" in model.methods:
         raise ValueError("full fine-tuning trains every weight: save the model with save_pretrained")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if _peft_compatible(model):
         tensors, config = _peft_state(model)
-        written, stale = (PEFT_CONFIG, PEFT_WEIGHTS), (OWN_CONFIG, OWN_WEIGHTS)
+        files = (PEFT_CONFIG, PEFT_WEIGHTS)
     else:
-        tensors = {n: t for n, t in _own_state(model).items()}
+        tensors = _own_state(model)
         config = {"format": "mintune-adapter", "version": 1, "family": model.cfg.family,
                   "base_model": getattr(model, "name_or_path", None), "methods": model.methods}
-        written, stale = (OWN_CONFIG, OWN_WEIGHTS), (PEFT_CONFIG, PEFT_WEIGHTS)
+        files = (OWN_CONFIG, OWN_WEIGHTS)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path / written[1], lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(path / written[0], config)
-    for name in stale:  # an adapter of the other layout from an earlier save would be ambiguous
-        (path / name).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_save(path)
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    try:
+        write_json(new / files[0], config)
+        with disk_full_named(path / files[1], tensor_bytes(tensors)):
+            save_file(tensors, str(new / files[1]), metadata={"format": "pt"})
+        _carry_other_files(path, new)
+        os.chmod(new, default_mode(directory=True))
+        _swap_in(new, path)
+    finally:
+        if new.exists():
+            shutil.rmtree(new)
     return path
+
+
+def _recover_interrupted_save(path: Path) -> None:
+    """A save killed between its two renames left `path` missing: put the previous adapter back, then
+    delete what that save left (its unfinished or unswapped new folder)."""
+    old = _leftovers(path, "old")
+    if old and not path.exists():
+        os.replace(old.pop(), path)
+    for stale in old + _leftovers(path, "new"):
+        shutil.rmtree(stale)
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Files of an earlier adapter folder that are not adapter files (a README, notes) go to the new one."""
+    if not old.is_dir():
+        return
+    for f in old.iterdir():
+        if f.name not in ADAPTER_FILES:
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old)  # onto the empty folder just made: a unique name
+    os.replace(new, path)
+    shutil.rmtree(old)
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.{kind}-*"))
 
 
 def _lora_hf_names(model: GPT) -> dict[str, str]:
@@ -141,6 +192,11 @@ def load_adapter(model: GPT, path: str | Path) -> GPT:
     elif (path / OWN_CONFIG).is_file():
         _load_own(model, path)
     else:
+        interrupted = _leftovers(path, "old") + _leftovers(path, "new")
+        if not path.exists() and interrupted:
+            raise FileNotFoundError(f"{path} is missing: a save was killed while swapping it in; the previous "
+                                    f"and the new adapter are in {', '.join(map(str, interrupted))} "
+                                    f"(rename one to {path.name})")
         raise FileNotFoundError(f"{path}: no {PEFT_CONFIG} (peft layout) or {OWN_CONFIG} (mintune layout)")
     return model
 

@@ -27,10 +27,19 @@ from .model import GPT, KVCache
 from .tokenizer import load_tokenizer
 
 
+def check_sizes(batch_size: int, max_length: int | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a single token predicts nothing), got {max_length}")
+
+
 @torch.no_grad()
 def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
               max_length: int | None = None) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (nats) over all texts, and how many tokens were predicted."""
+    """Sum of next-token negative log-likelihoods (nats) over all texts, and how many tokens were predicted
+    (at least one: texts of a single token predict nothing, and are refused when no text has more)."""
+    check_sizes(batch_size, max_length)
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -51,6 +60,8 @@ def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
             total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)
+    if count == 0:
+        raise ValueError(f"none of the {len(token_lists)} texts has two tokens or more: there is nothing to predict")
     return total, count
 
 
@@ -59,8 +70,6 @@ def perplexity(model: GPT, tok, texts: list[str], batch_size: int = 8, max_lengt
     if not texts:
         raise ValueError("perplexity needs at least one text")
     nll, n = token_nll(model, [tok.encode(t) for t in texts], batch_size, max_length)
-    if n == 0:
-        raise ValueError("the texts hold no token to predict (each needs at least two tokens)")
     return math.exp(nll / n)
 
 
@@ -188,6 +197,20 @@ def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: 
                 samples.append({"answer": answer.strip(), "reference": ref.strip()})
     return {"exact_match": hits / max(len(examples), 1), "samples": samples}
 
+def task_metrics(task, exact_match_limit: int) -> list[str]:
+    """The metrics `evaluate_tasks` measures for a task, by their names after "<task>/"."""
+    kind = task.cfg.kind
+    return (["loss"] + (["perplexity"] if kind == "causal_lm" else [])
+            + (["accuracy", "precision", "recall", "macro_f1", "confusion"] if kind == "classification" else [])
+            + (["exact_match"] if kind == "instruction" and exact_match_limit else []))
+
+
+def metric_names(tasks, exact_match_limit: int, retention: bool) -> list[str]:
+    """Every number `evaluate_tasks` reports on the validation split ("<task>/<metric>")."""
+    names = [f"{t.cfg.name}/{m}" for t in tasks for m in task_metrics(t, exact_match_limit) if m != "confusion"]
+    return names + (["retention/perplexity"] if retention else [])
+
+
 def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_size: int = 16,
                    exact_match_limit: int = 64, retention: list[str] = (), max_length: int | None = None) -> dict:
     """Every metric of every task on a split ("validation" or "test"), as {"<task>/<metric>": value}:
@@ -201,16 +224,16 @@ def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_s
             if not examples or (task.cfg.classifier == "head" and model.head is None
                                 and task.cfg.kind == "classification"):
                 continue  # nothing to evaluate (a head that feature-based transfer has not fitted yet)
-            name = task.cfg.name
+            name, wanted = task.cfg.name, task_metrics(task, exact_match_limit)
             m = eval_loss(model, examples, tok.pad_id, batch_size)
             metrics[f"{name}/loss"] = m["loss"]
-            if task.cfg.kind == "causal_lm":
+            if "perplexity" in wanted:
                 metrics[f"{name}/perplexity"] = m["perplexity"]
-            if task.cfg.kind == "classification":
+            if "accuracy" in wanted:
                 pred = predict_classes(model, examples, tok.pad_id, batch_size)
                 cm = classification_metrics(pred, [e.class_label for e in examples], task.labels)
                 metrics.update({f"{name}/{k}": v for k, v in cm.items()})
-            if task.cfg.kind == "instruction" and exact_match_limit:
+            if "exact_match" in wanted:
                 em = exact_match(model, tok, examples[:exact_match_limit], batch_size)
                 metrics[f"{name}/exact_match"] = em["exact_match"]
         if retention:
@@ -238,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate_files(args) -> None:
+    check_sizes(args.batch_size, args.max_length)
     model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     tok = load_tokenizer(args.model)
+    tok.check_fits(model.cfg.vocab_size, args.model)
     for path in args.data:
         texts = read_texts(path, args.field)
-        nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
+        try:
+            nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(texts)} texts")
 
 
