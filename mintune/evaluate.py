@@ -34,12 +34,20 @@ def check_sizes(batch_size: int, max_length: int | None) -> None:
         raise ValueError(f"max_length must be at least 2 (a single token predicts nothing), got {max_length}")
 
 
+def check_texts(token_lists: list[list[int]], source: str = "") -> None:
+    """A perplexity needs a text of two tokens or more (a text's first token is conditioned on, not predicted)."""
+    if not any(len(ids) >= 2 for ids in token_lists):
+        raise ValueError(f"{source}none of the {len(token_lists)} texts has two tokens or more: there is "
+                         "nothing to predict")
+
+
 @torch.no_grad()
 def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
               max_length: int | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (nats) over all texts, and how many tokens were predicted
     (at least one: texts of a single token predict nothing, and are refused when no text has more)."""
     check_sizes(batch_size, max_length)
+    check_texts(token_lists)
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -60,8 +68,6 @@ def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
             total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError(f"none of the {len(token_lists)} texts has two tokens or more: there is nothing to predict")
     return total, count
 
 
@@ -266,12 +272,10 @@ def _evaluate_files(args) -> None:
     tok = load_tokenizer(args.model)
     tok.check_fits(model.cfg.vocab_size, args.model)
     for path in args.data:
-        texts = read_texts(path, args.field)
-        try:
-            nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(texts)} texts")
+        token_lists = [tok.encode(t) for t in read_texts(path, args.field)]
+        check_texts(token_lists, f"{path}: ")
+        nll, n = token_nll(model, token_lists, args.batch_size, args.max_length)
+        print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(token_lists)} texts")
 
 
 if __name__ == "__main__":

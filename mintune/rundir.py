@@ -60,9 +60,16 @@ class RunDir:
         if self.resume and self.overwrite:
             raise RunDirError("--resume continues the run in the output directory, --overwrite replaces it: "
                               "give one of them")
+        if self.allow_changes and not self.resume:
+            raise RunDirError("--allow-change names settings a resumed run may change: it needs --resume")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"train.output_dir {self.path} is a file, not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         with _locked(self.path, self.log):
             existing = self.existing()
+            if self.resume and not existing:
+                raise RunDirError(f"--resume: {self.path} holds no run to continue (no train_config.json, "
+                                  "no checkpoints)")
             if existing and not (self.resume or self.overwrite):
                 raise RunDirError(f"{self.path} already holds a run ({', '.join(existing)}): continue it with "
                                   "--resume, write elsewhere with --train.output_dir=DIR, or replace it with "
@@ -79,7 +86,14 @@ class RunDir:
         if not saved_file.is_file():
             self.log(f"warning: {saved_file} is missing: cannot check that --resume continues the same run")
             return {}
-        changed = differences(read_json(saved_file), record)
+        saved = read_json(saved_file)
+        if not isinstance(saved, dict):
+            raise RunDirError(f"{saved_file}: expected the JSON object mintune writes, got {type(saved).__name__}")
+        if "fingerprints" not in saved:  # written before mintune kept them
+            self.log(f"warning: {saved_file} holds no fingerprints of the model and data: only the recipe "
+                     "is compared")
+            record = {k: v for k, v in record.items() if k != "fingerprints"}
+        changed = differences(saved, record)
         changed.pop("train.output_dir", None)  # where the run lives: a moved run is the same run
         fixed = {k: v for k, v in changed.items() if not k.startswith("train.") or k == "train.seed"}
         asked = {k: v for k, v in changed.items() if k not in fixed and k not in FREE}

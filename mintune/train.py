@@ -1,14 +1,18 @@
 """The training loop, and `python -m mintune.train`.
 
     python -m mintune.train                          # the built-in demo: SmolLM2-135M + LoRA on sentiment
-    python -m mintune.train CONFIG.toml [--section.key=value ...] [--resume] [--overwrite] [--dry-run]
-    python -m mintune.train CONFIG.toml --resume --allow-change=train.lr,train.max_steps
+    python -m mintune.train CONFIG.toml [--section.key=value ...] [--dry-run]
+    python -m mintune.train CONFIG.toml --resume     # continue the run in train.output_dir
+    python -m mintune.train CONFIG.toml --resume --allow-change=train.lr,train.max_steps   # with new values
+    python -m mintune.train CONFIG.toml --overwrite  # replace the run in train.output_dir
     python -m mintune.train -h                       # every field, with its default and meaning
 
 A run, as `train()` reads:
 
-    run = prepare(cfg)                  model, tokenizer, data, method, optimizer (recipe.py: the config)
-    begin(run, resume)                  evaluate before training, or restore the last checkpoint
+    claim the output directory          locked; a run there is refused without --resume / --overwrite (rundir.py)
+    run = prepare(cfg)                  model, tokenizer, data, method, optimizer (recipe.py: the config);
+                                        with --resume, first the same recipe, model and data as the run's
+    begin(run, resume)                  evaluate before training, or restore the last whole checkpoint
     for step in range(start, max_steps):
         optimizer_step(run, step)       grad_accum micro-batches, loss / predictions in the whole step,
                                         backward; unscale (fp16), clip, AdamW, lr from the schedule
@@ -17,7 +21,8 @@ A run, as `train()` reads:
 
 The batches of one step are drawn first, so the loss is normalised by all their predictions:
 8 x 1 and 2 x 4 give the same update. Every `save_every` steps a checkpoint (trainable weights,
-optimizer, loss scaler, RNGs, data position) lets `--resume` continue bit for bit.
+optimizer, loss scaler, RNGs, data position) lets `--resume` continue bit for bit. Weights that are not
+finite are never saved; docs/files-and-safety.md says what a run promises about the files it touches.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import torch
 from .adapter_files import save_adapter
 from .cli import Interrupted, run_command
 from .data import DataError, Mixer, collate, dry_run, load_task, resolve
-from .evaluate import evaluate_tasks, metric_names, read_texts
+from .evaluate import check_texts, evaluate_tasks, metric_names, read_texts
 from .fetch import model_dir
 from .files import write_json
 from .heads import add_classification_head, fit_classification_head
@@ -138,6 +143,8 @@ def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
             log(f"data: {note}")
     _check_early_stopping(cfg, tasks)
     retention = read_texts(resolve(t.retention)) if t.retention else []
+    if retention:
+        check_texts([tok.encode(x) for x in retention], f"train.retention = {t.retention!r}: ")
     model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
                        group_size=cfg.model.group_size or None)
     tok.check_fits(model.cfg.vocab_size, where / "config.json")
