@@ -403,17 +403,8 @@ def _train_process(args, *prefix):
     return subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def straight(chat_dir, tmp_path_factory):
-    """The run without interruption, in a process of its own like the killed ones."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    done = _train_process(argv(chat_dir, out), "-m", "mintune.train")
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 @pytest.mark.parametrize("moment", ["mid-step", "mid-checkpoint", "after-the-last-checkpoint"])
-def test_sigkill_then_resume_gives_identical_results(chat_dir, straight, tmp_path, moment):
+def test_sigkill_then_resume_gives_identical_results(chat_dir, finished, tmp_path, moment):
     out = tmp_path / "run"
     killed = _train_process([moment, *argv(chat_dir, out)], "-c", KILLER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -421,8 +412,8 @@ def test_sigkill_then_resume_gives_identical_results(chat_dir, straight, tmp_pat
     resumed = _train_process([*argv(chat_dir, out), "--resume"], "-m", "mintune.train")
     assert resumed.returncode == 0, resumed.stderr
     assert "taking over the lock" in resumed.stdout + resumed.stderr
-    assert losses(out) == losses(straight)
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    assert losses(out) == losses(finished)  # the same recipe run straight through
+    a = load_file(str(finished / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(out.rglob("*.tmp*"))  # the half-written checkpoint was cleaned up
