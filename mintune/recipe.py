@@ -222,7 +222,7 @@ def check(cfg: Config) -> None:
             raise ValueError(f"{where} must be {limit}, got {value!r}")
         kind = LIST_ITEMS.get(rule)
         if kind and any(isinstance(x, bool) or not isinstance(x, kind) for x in value):
-            raise ValueError(f"{where}: expected a list of strings, got {value!r}")
+            raise ValueError(f"{where}: expected a list of names, got {value!r}")
     if not DEVICE.fullmatch(cfg.model.device):
         raise ValueError(f"model.device must be cpu, cuda, cuda:N or auto, got {cfg.model.device!r}")
     _check_together(cfg)

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,15 +89,15 @@ class RunDir:
             return {}
         saved = read_json(saved_file)
         if not isinstance(saved, dict):
-            raise RunDirError(f"{saved_file}: expected the JSON object mintune writes, got {type(saved).__name__}")
+            raise RunDirError(f"{saved_file}: expected the JSON object a run writes, got {type(saved).__name__}")
         if "fingerprints" not in saved:  # written before mintune kept them
             self.log(f"warning: {saved_file} holds no fingerprints of the model and data: only the recipe "
                      "is compared")
             record = {k: v for k, v in record.items() if k != "fingerprints"}
         changed = differences(saved, record)
         changed.pop("train.output_dir", None)  # where the run lives: a moved run is the same run
-        fixed = {k: v for k, v in changed.items() if not k.startswith("train.") or k == "train.seed"}
-        asked = {k: v for k, v in changed.items() if k not in fixed and k not in FREE}
+        fixed = {k: v for k, v in changed.items() if _kind(k) == "fixed"}
+        asked = {k: v for k, v in changed.items() if _kind(k) == "asked"}
         if fixed:
             raise RunDirError(f"--resume: {self.path} holds a run of another model, method, data or seed:\n"
                               + _listed(fixed) + "\nthese define a run: start a new one (another "
@@ -113,8 +114,7 @@ class RunDir:
         """The run has loaded what it needs: set an old run aside (overwrite), write train_config.json."""
         existing = self.existing()
         if existing and self.overwrite:
-            aside = self.path / (REPLACED + time.strftime("%Y%m%d-%H%M%S"))
-            aside.mkdir()
+            aside = Path(tempfile.mkdtemp(dir=self.path, prefix=REPLACED + time.strftime("%Y%m%d-%H%M%S-")))
             for name in existing:
                 os.replace(self.path / name, aside / name)
             self.log(f"--overwrite: the previous run's files are in {aside} until this run has finished")
@@ -125,6 +125,16 @@ class RunDir:
         for old in self.path.glob(REPLACED + "*"):
             shutil.rmtree(old)
             self.log(f"--overwrite: deleted {old}, the run this one replaced")
+
+
+def _kind(key: str) -> str:
+    """How --resume treats a difference: "free" (changes no number of the run), "asked" (a training
+    setting: refused unless named in --allow-change), "fixed" (defines the run: refused)."""
+    if key in FREE:
+        return "free"
+    if key.startswith(("train.", "fingerprints.retention.")) and key != "train.seed":
+        return "asked"
+    return "fixed"
 
 
 @contextmanager
@@ -174,11 +184,11 @@ def remove_leftovers(out: Path, log) -> None:
 def run_record(cfg, model_dir: Path) -> dict:
     """The recipe and the fingerprints of its inputs, as train_config.json holds them."""
     files = [f for task in cfg.data.tasks() for f in (task.train, task.validation, task.test) if f]
-    if cfg.train.retention:
-        files.append(cfg.train.retention)
+    retention = [cfg.train.retention] if cfg.train.retention else []
     return {**dataclasses.asdict(cfg),
             "fingerprints": {"model": weights_fingerprint(model_dir),
-                             "data": {f: _digest_file(resolve(f)) for f in dict.fromkeys(files)}}}
+                             "data": {f: _digest_file(resolve(f)) for f in dict.fromkeys(files)},
+                             "retention": {f: _digest_file(resolve(f)) for f in retention}}}
 
 
 def weights_fingerprint(model_dir: Path) -> dict[str, str]:

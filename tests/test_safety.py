@@ -157,7 +157,8 @@ def test_resume_refuses_another_method_data_or_model(chat_dir, finished, tmp_pat
 def test_resume_with_a_changed_schedule_needs_asking_and_is_recorded(chat_dir, finished, tmp_path):
     out = copy_run(finished, tmp_path)
     changed = config(chat_dir, out, **{"train.lr": 5e-3, "train.max_steps": 6})
-    with pytest.raises(RunDirError, match=r"(?s)train\.lr: 0\.01 -> 0\.005\n.*--allow-change=train\.lr,train\.max_steps"):
+    with pytest.raises(RunDirError, match=r"(?s)train\.lr: 0\.01 -> 0\.005\n.*"
+                                          r"--allow-change=train\.lr,train\.max_steps"):
         train(changed, resume=True, **QUIET)
     summary = train(changed, resume=True, allow_changes=["train.lr", "train.max_steps"], **QUIET)
     assert summary["steps"] == 6 and losses(out)[:4] == losses(finished)

@@ -48,7 +48,7 @@ def chat(chat_dir):
     ("--train.output_dir=", r"train\.output_dir is empty"),
     ("--model.device=gpu", r"model\.device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
     ("--model.dtype=float8", r"model\.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float8'"),
-    ("--method.targets=[1, 2]", r"method\.targets: expected a list of strings"),
+    ("--method.targets=[1, 2]", r"method\.targets: expected a list of names"),
     ("--data.mix=[{weight = \"2\"}]", r"data\.mix\[0\]\.weight: expected a finite number, got '2'"),
     ("--data.mix=[{max_length = 1}]", r"data\.max_length must be at least 2"),
     ("--data.mix=[\"quotes\"]", r"data\.mix\[0\]: expected a table of \[data\] fields"),
