@@ -330,6 +330,9 @@ class Builder:
         except KeyError as e:
             raise DataError(f"{path} line {n}: the prompt template needs field {e.args[0]!r}, "
                             f"the row has {sorted(row)}") from None
+        except (IndexError, ValueError) as e:  # "{0}", a lone "{"
+            raise DataError(f"data.prompt_template {template!r}: not a template of named fields ({e}); "
+                            "write {field} for a field, {{ and }} for braces") from None
 
     def _fits(self, ids: list[int], path, n) -> bool:
         """Prompt/response rows are never cut (a cut response would lose its EOS): too long, they are

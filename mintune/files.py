@@ -23,11 +23,12 @@ class DiskFullError(OSError):
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file; bytes that are not UTF-8 are reported with the file, line and column."""
+    """A UTF-8 text file (a byte-order mark, as some editors write, is dropped); bytes that are not UTF-8
+    are reported with the file, line and column."""
     path = Path(path)
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1

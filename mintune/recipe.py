@@ -249,6 +249,8 @@ def _check_together(cfg: Config) -> None:
     t = cfg.train
     if not t.output_dir.strip():
         raise ValueError("train.output_dir is empty: name the directory the run writes to")
+    if not cfg.model.path.strip():
+        raise ValueError("model.path is empty: name a Hugging Face model directory (or \"smollm2\")")
     if t.early_stopping_metric and not t.eval_every:
         raise ValueError(f"train.early_stopping_metric = {t.early_stopping_metric!r} needs evaluations during "
                          "training: set train.eval_every > 0")
@@ -258,6 +260,11 @@ def _check_together(cfg: Config) -> None:
                          "1e-8, is 0 in float16); set model.dtype = \"float32\" or \"bfloat16\" "
                          "(train.precision = \"fp16\" still computes in float16)")
     cfg.data.tasks()  # every task of data.mix resolves, with its kind, classifier and truncation
+
+
+def field_names() -> list[str]:
+    """Every "section.key" of the recipe."""
+    return [f"{section}.{f.name}" for section, cls in sections().items() for f in dataclasses.fields(cls)]
 
 
 def _parse_value(text: str):

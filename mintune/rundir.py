@@ -32,6 +32,7 @@ from pathlib import Path
 from .data import resolve
 from .files import default_mode, read_json, write_json
 from .hf import read_safetensors_header, weight_files
+from .recipe import field_names, suggest
 
 RUN_FILES = ("train_config.json", "metrics.jsonl", "metrics.png", "summary.json", "checkpoints", "adapter",
              "model", "best")
@@ -63,6 +64,12 @@ class RunDir:
                               "give one of them")
         if self.allow_changes and not self.resume:
             raise RunDirError("--allow-change names settings a resumed run may change: it needs --resume")
+        for key in self.allow_changes:
+            if key not in field_names():
+                raise RunDirError(f"--allow-change={key}: no such setting{suggest(key, field_names())}")
+            if _kind(key) == "fixed":
+                raise RunDirError(f"--allow-change={key}: it defines the run (its model, method, data or seed); "
+                                  "start a new run to change it")
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"train.output_dir {self.path} is a file, not a directory")
         self.path.mkdir(parents=True, exist_ok=True)

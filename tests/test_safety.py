@@ -160,6 +160,10 @@ def test_resume_with_a_changed_schedule_needs_asking_and_is_recorded(chat_dir, f
     with pytest.raises(RunDirError, match=r"(?s)train\.lr: 0\.01 -> 0\.005\n.*"
                                           r"--allow-change=train\.lr,train\.max_steps"):
         train(changed, resume=True, **QUIET)
+    with pytest.raises(RunDirError, match=r"--allow-change=method\.r: it defines the run"):
+        train(changed, resume=True, allow_changes=["method.r"], **QUIET)
+    with pytest.raises(RunDirError, match=r"--allow-change=train\.lrr: no such setting \(did you mean 'train\.lr'"):
+        train(changed, resume=True, allow_changes=["train.lrr"], **QUIET)
     summary = train(changed, resume=True, allow_changes=["train.lr", "train.max_steps"], **QUIET)
     assert summary["steps"] == 6 and losses(out)[:4] == losses(finished)
     assert summary["resumed_with_changes"] == [{"step": 4, "changed": {"train.lr": [0.01, 0.005],

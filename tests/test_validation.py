@@ -46,6 +46,7 @@ def chat(chat_dir):
     ("--method.dropout=1", r"method\.dropout must be in \[0, 1\), got 1"),
     ("--train.seed=-1", r"train\.seed must be in \[0, 4294967295\]"),
     ("--train.output_dir=", r"train\.output_dir is empty"),
+    ("--model.path=", r"model\.path is empty"),
     ("--model.device=gpu", r"model\.device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
     ("--model.dtype=float8", r"model\.dtype must be one of 'float32', 'bfloat16', 'float16', got 'float8'"),
     ("--method.targets=[1, 2]", r"method\.targets: expected a list of names"),
@@ -122,6 +123,19 @@ def test_a_chat_role_the_template_does_not_know(chat_dir, tmp_path):
     tok = mintune.load_tokenizer(d)
     with pytest.raises(ChatTemplateError, match="role 'bot'"):
         tok.apply_chat_template([{"role": "bot", "content": "x"}])
+
+
+def test_a_prompt_template_with_a_positional_field_is_named(chat_dir, tmp_path):
+    rows = [{"instruction": "Say hi", "output": "hi"}]
+    with pytest.raises(DataError, match=r"data\.prompt_template 'Q: \{0\}': not a template of named fields"):
+        _task(chat_dir, tmp_path, rows, kind="instruction", prompt_template="Q: {0}")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field(chat_dir, tmp_path):
+    (tmp_path / "d.csv").write_bytes("\ufefftext,label\ngood tram,positive\nsad tram,negative\n".encode())
+    task = load_task(DataConfig(kind="classification", train=str(tmp_path / "d.csv"),
+                                validation=str(tmp_path / "d.csv")).tasks()[0], mintune.load_tokenizer(chat_dir))
+    assert task.labels == ["negative", "positive"]
 
 
 def test_a_data_file_that_is_not_utf8_names_the_line(chat_dir, tmp_path):
