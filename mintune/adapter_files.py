@@ -59,6 +59,8 @@ def save_adapter(model: GPT, path: str | Path) -> Path:
     if "full" in model.methods:
         raise ValueError("full fine-tuning trains every weight: save the model with save_pretrained")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: an adapter is saved as a folder")
     if _peft_compatible(model):
         tensors, config = _peft_state(model)
         files = (PEFT_CONFIG, PEFT_WEIGHTS)
@@ -228,12 +230,29 @@ def _fill(model: GPT, source: Path, tensors: dict[str, torch.Tensor], targets: d
             targets[name].copy_(t)
 
 
+def _read_config(file: Path, needs: dict[str, tuple]) -> dict:
+    """An adapter's JSON config: an object whose `needs` keys hold values of the given types."""
+    cfg = read_json(file)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    _require(cfg, file, needs)
+    return cfg
+
+
+def _require(cfg: dict, file: Path, needs: dict[str, tuple]) -> None:
+    for key, kinds in needs.items():
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{file}: {key} should be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
 def _load_peft(model: GPT, path: Path) -> None:
-    cfg = read_json(path / PEFT_CONFIG)
+    cfg = _read_config(path / PEFT_CONFIG, {"peft_type": (str,)})
     kind = cfg.get("peft_type")
     tensors = _read_tensors(path / PEFT_WEIGHTS)
     source = path / PEFT_WEIGHTS
     if kind == "PROMPT_TUNING":
+        _require(cfg, path / PEFT_CONFIG, {"num_virtual_tokens": (int,)})
         if cfg.get("num_transformer_submodules", 1) != 1:
             raise ValueError(f"{path / PEFT_CONFIG}: num_transformer_submodules must be 1 for a causal model")
         apply_prompt_tuning(model, int(cfg["num_virtual_tokens"]))
@@ -242,6 +261,7 @@ def _load_peft(model: GPT, path: Path) -> None:
     if kind != "LORA":
         raise ValueError(f"{path / PEFT_CONFIG}: peft_type {kind!r} is not supported; mintune reads LORA and "
                          f"PROMPT_TUNING adapters in peft's layout")
+    _require(cfg, path / PEFT_CONFIG, {"r": (int,), "lora_alpha": (int, float), "target_modules": (list, str)})
     unsupported = {"use_dora": bool(cfg.get("use_dora")), "bias": cfg.get("bias", "none") != "none",
                    "layers_to_transform": cfg.get("layers_to_transform") is not None,
                    "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern"))}
@@ -270,7 +290,7 @@ def _load_peft(model: GPT, path: Path) -> None:
 
 
 def _load_own(model: GPT, path: Path) -> None:
-    cfg = read_json(path / OWN_CONFIG)
+    cfg = _read_config(path / OWN_CONFIG, {"format": (str,), "family": (str,), "methods": (dict,)})
     if cfg.get("format") != "mintune-adapter":
         raise ValueError(f"{path / OWN_CONFIG}: not a mintune adapter (format {cfg.get('format')!r})")
     if cfg.get("family") != model.cfg.family:
@@ -279,6 +299,11 @@ def _load_own(model: GPT, path: Path) -> None:
     for method, settings in cfg["methods"].items():
         if method not in METHODS:
             raise ValueError(f"{path / OWN_CONFIG}: unknown method {method!r}; mintune knows: {', '.join(METHODS)}")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path / OWN_CONFIG}: the settings of method {method!r} should be an object")
         settings = {k: v for k, v in settings.items() if k not in ("fitted", "init_text")}
-        METHODS[method](model, **settings)
+        try:
+            METHODS[method](model, **settings)
+        except (TypeError, ValueError) as e:  # a setting this method does not take, or a bad value
+            raise ValueError(f"{path / OWN_CONFIG}: the settings of method {method!r} do not fit it ({e})") from None
     _fill(model, path / OWN_WEIGHTS, tensors, _own_state(model))

@@ -179,6 +179,20 @@ def test_a_tokenizer_larger_than_the_model_vocabulary(chat_dir, tmp_path):
         mintune.generate(model, tok, "hi")
 
 
+def test_a_damaged_adapter_config_is_named(chat_dir, tmp_path):
+    fresh = mintune.load_model(chat_dir)
+    mintune.apply_adapters(fresh, bottleneck=4)
+    mintune.save_adapter(fresh, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "mintune_adapter.json").read_text())
+    cfg["methods"]["adapters"]["bottlenek"] = cfg["methods"]["adapters"].pop("bottleneck")
+    (tmp_path / "a" / "mintune_adapter.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"mintune_adapter\.json: the settings of method 'adapters' do not fit it"):
+        mintune.load_adapter(mintune.load_model(chat_dir), tmp_path / "a")
+    (tmp_path / "a" / "mintune_adapter.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"mintune_adapter\.json: expected a JSON object, got list"):
+        mintune.load_adapter(mintune.load_model(chat_dir), tmp_path / "a")
+
+
 # ---- generation and evaluation arguments ---------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,message", [
