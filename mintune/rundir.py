@@ -12,7 +12,8 @@
   compared with the current ones. A different model (config.json, weight files), method, data (the
   files' contents too) or seed is refused with the differences listed; a different training setting
   (lr, max_steps, schedule, ...) is refused unless named in `allow_changes`, and is then recorded;
-  settings that change no result (where evaluations and checkpoints happen, the device) may change.
+  settings that change no result (where evaluations and checkpoints happen, the device) may change,
+  and so may the places of the model and data files when their fingerprints match (LOCATIONS).
 - **Leftovers** of writes a kill interrupted (temp files, checkpoint temp folders) are removed.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ REPLACED = ".replaced-"
 FREE = {"model.device", "train.eval_every", "train.eval_batch_size", "train.exact_match_limit",
         "train.save_every", "train.keep_last", "train.log_every", "train.samples", "train.test_before",
         "train.gradient_checkpointing"}
+# where the inputs live: the fingerprints say whether they are the same, so a moved file may move
+LOCATIONS = {"model.path", "data.train", "data.validation", "data.test", "train.retention"}
 SAMPLE = 4096  # bytes hashed at each end of every tensor (with every file's size and header)
 
 
@@ -97,14 +100,15 @@ class RunDir:
         saved = read_json(saved_file)
         if not isinstance(saved, dict):
             raise RunDirError(f"{saved_file}: expected the JSON object a run writes, got {type(saved).__name__}")
-        if "fingerprints" not in saved:  # written before mintune kept them
+        fingerprinted = "fingerprints" in saved
+        if not fingerprinted:  # written before mintune kept them
             self.log(f"warning: {saved_file} holds no fingerprints of the model and data: only the recipe "
                      "is compared")
             record = {k: v for k, v in record.items() if k != "fingerprints"}
         changed = differences(saved, record)
         changed.pop("train.output_dir", None)  # where the run lives: a moved run is the same run
-        fixed = {k: v for k, v in changed.items() if _kind(k) == "fixed"}
-        asked = {k: v for k, v in changed.items() if _kind(k) == "asked"}
+        fixed = {k: v for k, v in changed.items() if _kind(k, fingerprinted) == "fixed"}
+        asked = {k: v for k, v in changed.items() if _kind(k, fingerprinted) == "asked"}
         if fixed:
             raise RunDirError(f"--resume: {self.path} holds a run of another model, method, data or seed:\n"
                               + _listed(fixed) + "\nthese define a run: start a new one (another "
@@ -134,10 +138,11 @@ class RunDir:
             self.log(f"--overwrite: deleted {old}, the run this one replaced")
 
 
-def _kind(key: str) -> str:
+def _kind(key: str, fingerprinted: bool = True) -> str:
     """How --resume treats a difference: "free" (changes no number of the run), "asked" (a training
-    setting: refused unless named in --allow-change), "fixed" (defines the run: refused)."""
-    if key in FREE:
+    setting: refused unless named in --allow-change), "fixed" (defines the run: refused). A moved input
+    is free when its fingerprint says it is the same."""
+    if key in FREE or (fingerprinted and key in LOCATIONS):
         return "free"
     if key.startswith(("train.", "fingerprints.retention.")) and key != "train.seed":
         return "asked"
@@ -189,13 +194,13 @@ def remove_leftovers(out: Path, log) -> None:
 # --------------------------------------------------------------------------- what identifies a run
 
 def run_record(cfg, model_dir: Path) -> dict:
-    """The recipe and the fingerprints of its inputs, as train_config.json holds them."""
-    files = [f for task in cfg.data.tasks() for f in (task.train, task.validation, task.test) if f]
-    retention = [cfg.train.retention] if cfg.train.retention else []
+    """The recipe and the fingerprints of its inputs (by role: "<task>/train", ...), as train_config.json
+    holds them."""
+    data = {f"{task.name}/{split}": _digest_file(resolve(getattr(task, split))) for task in cfg.data.tasks()
+            for split in ("train", "validation", "test") if getattr(task, split)}
+    retention = {"train.retention": _digest_file(resolve(cfg.train.retention))} if cfg.train.retention else {}
     return {**dataclasses.asdict(cfg),
-            "fingerprints": {"model": weights_fingerprint(model_dir),
-                             "data": {f: _digest_file(resolve(f)) for f in dict.fromkeys(files)},
-                             "retention": {f: _digest_file(resolve(f)) for f in retention}}}
+            "fingerprints": {"model": weights_fingerprint(model_dir), "data": data, "retention": retention}}
 
 
 def weights_fingerprint(model_dir: Path) -> dict[str, str]:
