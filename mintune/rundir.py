@@ -184,8 +184,11 @@ def _holder(path: Path) -> str:
 
 
 def remove_leftovers(out: Path, log) -> None:
-    """Delete what writes interrupted by a kill left: checkpoint temp folders, atomic-write temp files."""
-    for pattern in ("checkpoints/.step-*.tmp-*", ".*.tmp", "*/.*.tmp"):
+    """Delete what mintune's writes left when a kill interrupted them: checkpoint temp folders, and the
+    temp files of atomic writes (files.atomic_write: .NAME.*.tmp) of the run's files and folders."""
+    patterns = ["checkpoints/.step-*.tmp-*", *(f".{name}.*.tmp" for name in RUN_FILES),
+                *(f"{folder}/.*.tmp" for folder in ("checkpoints", "adapter", "best", "model"))]
+    for pattern in patterns:
         for p in out.glob(pattern):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             log(f"removed {p}, left by a write that was interrupted")
