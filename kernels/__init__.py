@@ -19,3 +19,21 @@ class Launch(NamedTuple):
 
     def __call__(self):
         self.kernel[self.grid](*self.args, **self.meta)
+
+
+def swap_config(module, table: str, key, config):
+    """Put `config` in `module.<table>[key]` (a tuple or a dict of configurations); returns a function
+    that puts the old one back. For timing the alternatives a kernel file lists (ALTERNATIVES)."""
+    entries = getattr(module, table)
+    old = entries[key]
+    if isinstance(entries, tuple):
+        setattr(module, table, entries[:key] + (config,) + entries[key + 1:])
+    else:
+        entries[key] = config
+
+    def restore():
+        if isinstance(entries, tuple):
+            setattr(module, table, entries)
+        else:
+            entries[key] = old
+    return restore

@@ -528,11 +528,12 @@ def _check(q, k, v, key_mask, segment_ids, scale):
 
 
 # ---- configurations ------------------------------------------------------------------------------------
-# Chosen without a GPU, from `python -m mintune.bench compile` (sm_90, Triton's ptxas): each keeps
-# every tile in registers without spilling and feeds wgmma; `python -m mintune.bench attention` on an
-# H100 measures them. Keyed by the padded head dim BLOCK_D. A warpgroup (4 warps) owns 64 rows of a
-# wgmma, so BLOCK_M (forward, dQ) and BLOCK_N (dK/dV, whose rows are keys) are multiples of 64 per
-# warpgroup.
+# Chosen from the sm_90 compile report (`python -m mintune.bench compile`, Triton 3.6 and 3.9), not from
+# timings: each keeps its tiles in registers without spilling, with headroom on both versions, and
+# feeds wgmma; `python -m mintune.bench attention` on an H100 times them. Keyed by the padded head dim
+# BLOCK_D. A warpgroup (4 warps) issues wgmma on 64 rows at a time: the rows of each tile (queries in
+# the forward and dQ kernels, keys in dK/dV) are 64 per warpgroup, or 64 that two warpgroups share by
+# splitting the columns.
 class Config(NamedTuple):
     BLOCK_M: int
     BLOCK_N: int
@@ -566,6 +567,17 @@ DKDV_CONFIGS = {
                                "32-query steps spill there"),
     256: Config(16, 64, 8, 2, "D=256: dK and dV in two launches (one accumulator each, k and v in registers); "
                               "both at once spill at every tile size", split_dkdv=True),
+}
+# Configurations the compile report found sound for plain causal attention but not chosen (less
+# headroom, or a spill with segments on one Triton version), for `python -m mintune.bench attention
+# --alternatives` to time beside the chosen ones on a GPU.
+ALTERNATIVES = {
+    ("FORWARD_CONFIGS", 128): (Config(128, 128, 8, 2, "128-key steps: half the softmax rescales, 255 registers"),
+                               Config(128, 64, 8, 2, "2 stages")),
+    ("DKDV_CONFIGS", 128): (Config(32, 128, 8, 2, "32-query steps, 236-255 registers"),
+                            Config(32, 128, 8, 2, "32-query steps, dK and dV in two launches", split_dkdv=True)),
+    ("FORWARD_CONFIGS", 64): (Config(128, 128, 8, 3, "D<=64, 128-key steps"),),
+    ("DKDV_CONFIGS", 64): (Config(64, 128, 8, 2, "D<=64, 64-query steps"),),
 }
 # float32 (IEEE dots on FMA units): the operands of an FMA dot live in registers, so small tiles
 FLOAT32_CONFIGS = {

@@ -300,9 +300,9 @@ def _check(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor
 
 
 # ---- configurations ------------------------------------------------------------------------------------
-# Chosen without a GPU: each row's facts come from `python -m mintune.bench compile` (sm_90, Triton's
-# ptxas) and the reasoning beside it; `python -m mintune.bench matmul` on an H100 is what confirms or
-# replaces them. Forward tiles are (BLOCK_N output channels) x (BLOCK_M rows of x) over BLOCK_K inputs;
+# Chosen from the sm_90 compile report (`python -m mintune.bench compile`: registers, spills, shared
+# memory, programs per SM) and the reasoning beside each, not from timings; `python -m mintune.bench
+# matmul` on an H100 times them. Forward tiles are (BLOCK_N output channels) x (BLOCK_M rows of x) over BLOCK_K inputs;
 # backward tiles (BLOCK_K input features) x (BLOCK_M rows) over BLOCK_N outputs. The weight tile is the
 # wgmma's M side, which a warpgroup (4 warps) covers 64 rows at a time; the rows of x are its N side.
 class Config(NamedTuple):
@@ -316,22 +316,38 @@ class Config(NamedTuple):
 
 
 FORWARD_CONFIGS = (
-    # decode: wgmma 64x16; 16 KiB of int8 weight per stage, 4 stages in flight per SM (the loads are
-    # what matters at M <= 16: 2 bytes of x per 16 of weight); 64-row tiles then split-K fill 132 SMs
-    Config(16, 16, 64, 256, 4, 4, "memory-bound: long K steps, 4 stages of weight in flight"),
-    # a batch of a few sequences: wgmma 64x64 per warpgroup, still mostly weight traffic
-    Config(64, 64, 128, 128, 4, 4, "weight traffic and tensor work about even"),
+    # decode: wgmma 64x16 (x's rows padded to 16); what matters at M <= 16 is weight bytes in flight
+    # (x is 2·M·K bytes, 128 KiB at M = 16, K = 4096, against 45 MB of int8 weight at 11008x4096):
+    # 8 KiB of int8 weight per stage, 6 stages, about 90 registers
+    # and 65 KiB, so 3 programs share an SM (15 stages in flight); 64-row tiles, then split-K, fill
+    # 132 SMs. (16x64x256 with 4 stages: 187 registers, 2 programs per SM.)
+    Config(16, 16, 64, 128, 4, 6, "memory-bound: many small stages in flight, 3 programs per SM"),
+    # a few sequences: 2 warpgroups x 64 weight rows, wgmma 64x64 (147 registers; 4 warps need 229)
+    Config(64, 64, 128, 128, 8, 4, "weight traffic and tensor work about even"),
     # M = 128 (a prefill chunk): one 128x128 tile per weight slab, 2 warpgroups, split-K fills the GPU
     Config(128, 128, 128, 128, 8, 3, "balanced: each int8 weight byte feeds 128 rows"),
-    # training: wgmma 64x256 (the widest), 2 warpgroups; int8->bf16 conversion amortised over 256 rows
+    # training: wgmma 64x256 (the widest), 2 warpgroups; the int8->bf16 conversion of each weight
+    # element is shared by 256 rows of x
     Config(None, 256, 128, 64, 8, 3, "compute-bound: widest wgmma, 3 stages in 112 KiB"),
 )
 BACKWARD_CONFIGS = (
-    Config(16, 16, 64, 256, 4, 4, "memory-bound: long N steps, 4 stages of weight in flight"),
-    Config(64, 64, 128, 128, 4, 4, "weight traffic and tensor work about even"),
+    Config(16, 16, 64, 128, 4, 6, "memory-bound: as the forward (96 registers, 68 KiB)"),
+    Config(64, 64, 128, 128, 8, 4, "2 warpgroups (127 registers; 4 warps need 255)"),
     Config(128, 128, 128, 128, 8, 3, "balanced: each int8 weight byte feeds 128 rows"),
     Config(None, 256, 128, 64, 8, 3, "compute-bound: widest wgmma, 3 stages"),
 )
+# Configurations the compile report found sound (no spill, wgmma, register operand A) but not chosen,
+# for `python -m mintune.bench matmul --alternatives` to time beside the chosen ones on a GPU.
+ALTERNATIVES = {
+    ("FORWARD_CONFIGS", 0): (Config(16, 16, 64, 256, 4, 4, "decode: 16 KiB stages, 2 programs per SM"),
+                             Config(16, 16, 128, 256, 8, 4, "decode: 2 warpgroups, 128-row tiles")),
+    ("FORWARD_CONFIGS", 1): (Config(64, 64, 128, 64, 4, 4, "one warpgroup, 64-wide K steps"),),
+    ("FORWARD_CONFIGS", 2): (Config(128, 128, 64, 128, 4, 4, "64-row weight tiles: twice the tiles, less split"),),
+    ("BACKWARD_CONFIGS", 2): (Config(128, 128, 64, 128, 4, 4, "64-row weight tiles: twice the tiles, less split"),),
+    ("FORWARD_CONFIGS", 3): (Config(None, 128, 128, 64, 8, 3, "128-row tiles, 2 programs per SM by shared memory"),),
+    ("BACKWARD_CONFIGS", 0): (Config(16, 16, 64, 256, 4, 4, "16 KiB stages"),),
+    ("BACKWARD_CONFIGS", 1): (Config(64, 64, 128, 64, 4, 4, "one warpgroup, 64-wide N steps"),),
+}
 # float32 runs on FMA units (IEEE dots): small tiles keep the accumulators in registers
 FLOAT32_CONFIG = Config(None, 32, 64, 32, 4, 2, "float32: FMA, no tensor cores")
 # the interpreter (CPU tests): small tiles for speed; 4 "SMs", so that tiny shapes take the split path

@@ -38,7 +38,6 @@ KERNEL_MODULES = ("int8_matmul", "flash_attention")
 SHARED_LIMIT = 227 * 1024          # bytes of shared memory one program may use on sm_90
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
-MAX_REGISTERS = 255
 
 
 def _triton_parts():
@@ -135,29 +134,77 @@ def read_cubin(cubin: bytes) -> dict:
                                          "LDSM", "LDL", "STL", "BAR", "MUFU", "I2F", "F2F") if ops[k]}}
 
 
-def report(modules=KERNEL_MODULES, log=print) -> list[dict]:
-    """One row per (kernel, configuration) the launchers can choose."""
-    import triton
+def _launches(name: str, alternative=None) -> list:
+    """A kernel module's report launches; with alternative = (table, key, j), only the launches that
+    change when its j-th ALTERNATIVES configuration replaces table[key]."""
+    from mintune.kernels import swap_config
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the compile report needs the real compiler: unset TRITON_INTERPRET")
-    rows = []
+    module = importlib.import_module(f"mintune.kernels.{name}")
+    plain = module.report_launches()
+    if alternative is None:
+        return plain
+    table, key, j = alternative
+    restore = swap_config(module, table, key, module.ALTERNATIVES[(table, key)][j])
+    try:
+        swapped = module.report_launches()
+    finally:
+        restore()
+    return [(f"{label} (alternative)", launch, dict(facts, alternative=True))
+            for (label, launch, facts), (_, before, _) in zip(swapped, plain) if launch.config != before.config]
+
+
+def _entries(modules, alternatives: bool) -> list[tuple]:
+    out = []
     for name in modules:
         module = importlib.import_module(f"mintune.kernels.{name}")
-        for label, launch, facts in module.report_launches():
-            compiled, ptxas_log = compile_launch(launch)
-            row = {"kernel": label, "config": launch.config, "function": launch.kernel.__name__,
-                   "num_warps": launch.meta.get("num_warps"), "num_stages": launch.meta.get("num_stages"),
-                   **facts, **read_ptxas_log(ptxas_log), **read_cubin(compiled.asm["cubin"])}
-            row["shared_bytes"] = compiled.metadata.shared + row["static_shared"]
-            threads = 32 * row["num_warps"]
-            by_regs = REGISTERS_PER_SM // (max(row["registers"], 1) * threads)
-            by_smem = SHARED_PER_SM // (row["shared_bytes"] + 1024) if row["shared_bytes"] else 32
-            row["ctas_per_sm"] = min(by_regs, by_smem, 32)
-            row["target"] = "sm_90a"
-            row["triton"] = triton.__version__
-            rows.append(row)
-            log(_line(row))
+        alts = [None] + ([(t, k, j) for (t, k), cfgs in getattr(module, "ALTERNATIVES", {}).items()
+                          for j in range(len(cfgs))] if alternatives else [])
+        for alt in alts:
+            out += [(name, alt, i) for i in range(len(_launches(name, alt)))]
+    return out
+
+
+def _compile_entry(entry: tuple) -> dict:
+    """Compile one configuration of a kernel module and read its cubin (runs in a worker process)."""
+    import triton
+
+    name, alt, i = entry
+    label, launch, facts = _launches(name, alt)[i]
+    compiled, ptxas_log = compile_launch(launch)
+    row = {"kernel": label, "config": launch.config, "function": launch.kernel.__name__,
+           "num_warps": launch.meta.get("num_warps"), "num_stages": launch.meta.get("num_stages"),
+           **facts, **read_ptxas_log(ptxas_log), **read_cubin(compiled.asm["cubin"])}
+    row["shared_bytes"] = compiled.metadata.shared + row["static_shared"]
+    threads = 32 * row["num_warps"]
+    by_regs = REGISTERS_PER_SM // (max(row["registers"], 1) * threads)
+    by_smem = SHARED_PER_SM // (row["shared_bytes"] + 1024) if row["shared_bytes"] else 32
+    row["ctas_per_sm"] = min(by_regs, by_smem, 32)
+    row["target"] = "sm_90a"
+    row["triton"] = triton.__version__
+    return row
+
+
+def report(modules=KERNEL_MODULES, jobs: int | None = None, alternatives: bool = False, log=print) -> list[dict]:
+    """One row per (kernel, configuration) the launchers can choose (and, with alternatives, per
+    configuration the kernel files list as ALTERNATIVES), compiled by `jobs` processes."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile report needs the real compiler: unset TRITON_INTERPRET")
+    entries = _entries(modules, alternatives)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(entries)))
+    if jobs == 1:
+        results = map(_compile_entry, entries)
+    else:  # a fresh interpreter per worker (spawn): no state shared with this process's Triton
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_compile_entry, entries)
+    rows = []
+    for row in results:
+        rows.append(row)
+        log(_line(row))
+    if jobs > 1:
+        pool.shutdown()
     return rows
 
 
@@ -165,6 +212,8 @@ def problems(rows: list[dict]) -> list[str]:
     """The limits every configuration must hold on Hopper; empty when all hold."""
     out = []
     for r in rows:
+        if r.get("alternative"):  # informative: only what the launchers choose must hold the limits
+            continue
         where = f"{r['kernel']} [{r['config']}]"
         if r["spill_bytes"]:
             out.append(f"{where}: {r['spill_bytes']} bytes of register spill per thread")
@@ -185,18 +234,19 @@ def _line(r: dict) -> str:
             f"{r['ctas_per_sm']:6d}")
 
 
-def run(json_path: str | None = None) -> int:
+def run(json_path: str | None = None, jobs: int | None = None, alternatives: bool = False) -> int:
     """`python -m mintune.bench compile`: print the table, check the limits; exit status 1 if one fails."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # kernels were (or would be) built for the interpreter
         print("TRITON_INTERPRET=1 is set; compiling in a child process without it")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "mintune.bench", "compile"] + (["--json", json_path] if json_path else [])
+        cmd = [sys.executable, "-m", "mintune.bench", "compile"] + (["--json", json_path] if json_path else []) \
+            + (["--jobs", str(jobs)] if jobs else []) + (["--alternatives"] if alternatives else [])
         return subprocess.run(cmd, env=env).returncode
     import triton
 
     print(f"sm_90 compile report: triton {triton.__version__}, ptxas {_ptxas_version()}")
     print(HEADER)
-    rows = report()
+    rows = report(jobs=jobs, alternatives=alternatives)
     bad = problems(rows)
     for line in bad:
         print("LIMIT:", line)
