@@ -33,9 +33,11 @@ mask and the window can reach), in base 2 with c = scale·log2(e) folded into on
     acc = acc · 2^(m - m_new) + p v          m = m_new
     o = acc / l,  and lse = m + log2(l) is kept (base 2) for the backward (+inf: a row that sees no key)
 
-Masks cost a compare and a select per score, so only the key blocks that need one pay for it: those
-on the causal diagonal, on the window's far edge, past the end of the keys, and all blocks when a
-key mask or segments are given. The blocks in between run a loop without mask code.
+Masks cost compares and a select per score, so only the blocks that need one pay for it: those on
+the causal diagonal, on the window's far edge, past the end of the keys, and, with a key mask or
+segments, those holding a padded key or a key of another document (one reduction over the block's
+keys tells). The mask code sits behind a branch that is uniform across the program, so there is one
+loop, one software pipeline and one set of load addresses.
 
 Backward recomputes p = 2^(c·s - lse) block by block, in two kernels. The dQ kernel runs first: per
 query block it computes delta = rowsum(do · o) (so no separate pass over do and o), stores it, then
@@ -487,7 +489,8 @@ if triton is not None:
             lse_row = LSE + bh * T
             delta_row = DELTA + bh * T
             dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_row, delta_row, lo,
-                                  full_lo, full_hi, hi, kj, k_seg0, T, S, kmask_row, seg_row, c, CAUSAL, WINDOW, HAS_KMASK,
+                                  full_lo, full_hi, hi, kj, k_seg0, T, S, kmask_row, seg_row, c, CAUSAL, WINDOW,
+                                  HAS_KMASK,
                                   HAS_SEG, UPCAST, IEEE, D, BLOCK_M, BLOCK_D, OUT)
         if OUT != 2:
             _store_tile(DK + b * stride_dkb + hk * stride_dkh, start_n, stride_dks, S, dk * scale, BLOCK_N, D, BLOCK_D)
@@ -572,7 +575,8 @@ DKDV_CONFIGS = {
 # headroom, or a spill with segments on one Triton version), for `python -m mintune.bench attention
 # --alternatives` to time beside the chosen ones on a GPU.
 ALTERNATIVES = {
-    ("FORWARD_CONFIGS", 128): (Config(128, 128, 8, 2, "128-key steps: half the softmax rescales, 255 registers"),
+    ("FORWARD_CONFIGS", 128): (Config(128, 128, 8, 2, "128-key steps: half the softmax rescales; 255 registers, "
+                                                      "48 bytes of spill with segments on Triton 3.9"),
                                Config(128, 64, 8, 2, "2 stages")),
     ("DKDV_CONFIGS", 128): (Config(32, 128, 8, 2, "32-query steps, 236-255 registers"),
                             Config(32, 128, 8, 2, "32-query steps, dK and dV in two launches", split_dkdv=True)),
@@ -750,7 +754,8 @@ def report_launches() -> list[tuple[str, Launch, dict]]:
         lse = torch.empty(B, H, T, dtype=torch.float32, device="meta")
         km, win, seg = extra.get("key_mask"), extra.get("window"), extra.get("segment_ids")
         dt = str(dtype).removeprefix("torch.")
-        tag = f"D={D} T={T} {dt}" + (" key_mask window" if km is not None else "") + (" segments" if seg is not None else "")
+        tag = f"D={D} T={T} {dt}" + (" key_mask window" if km is not None else "") + \
+            (" segments" if seg is not None else "")
         facts = {"dtype": dt, "D": D, "needs_wgmma": dtype != torch.float32}
         out.append((f"attention forward {tag}", _forward_launch(q, k, v, o, lse, 0.1, True, km, win, seg), facts))
         if T == 1:

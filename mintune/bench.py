@@ -399,7 +399,8 @@ def _verify_attention(q, k, v, do, scale, reference) -> dict:
     leaves = [t.detach()[sub].float().requires_grad_(True) for t in (q, k, v)]
     ref = reference(*leaves, scale=scale, causal=True)
     ref_grads = torch.autograd.grad(ref, leaves, do[sub].float())
-    errs = {name: _rel_err(a[sub], b) for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
+    errs = {name: _rel_err(a[sub], b)
+            for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
     limit = VERIFY_LIMIT[q.dtype]
     if not all(e <= limit for e in errs.values()):
         raise SystemExit(f"verification failed for attention {tuple(q.shape)}: relative errors {errs} "
@@ -519,9 +520,10 @@ def train_rows(device: torch.device, quick: bool, log=print) -> list[dict]:
                     sec = _step_timer(step, device, 2 if on_gpu else 1, 5 if on_gpu else 2)
                 tokens_s = batch * seq / sec
                 flops = lora_flops_per_token(model, seq)
-                row = {"bench": "train", "shape": name, "targets": targets if isinstance(targets, str) else ",".join(targets),
+                row = {"bench": "train", "shape": name,
+                       "targets": targets if isinstance(targets, str) else ",".join(targets),
                        "int8": quantize, "batch": batch, "seq": seq, "kernels": f"MINTUNE_KERNELS={mode}",
-                       "path": {op: ("Triton kernel" if p == "kernel" else "torch reference") for op, p in taken.items()},
+                       "path": {op: "Triton kernel" if p == "kernel" else "torch reference" for op, p in taken.items()},
                        "ours_tokens_per_s": tokens_s,
                        "ours_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
                        **flops, "mfu": tokens_s * flops["flops_per_token"] / spec[0] if spec else None}

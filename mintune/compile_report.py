@@ -149,8 +149,9 @@ def _launches(name: str, alternative=None) -> list:
         swapped = module.report_launches()
     finally:
         restore()
+    known = {(label, launch.config) for label, launch, _ in plain}
     return [(f"{label} (alternative)", launch, dict(facts, alternative=True))
-            for (label, launch, facts), (_, before, _) in zip(swapped, plain) if launch.config != before.config]
+            for label, launch, facts in swapped if (label, launch.config) not in known]
 
 
 def _entries(modules, alternatives: bool) -> list[tuple]:

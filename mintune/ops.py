@@ -97,7 +97,7 @@ def use_kernel(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported:
     elif not x.is_cuda:
         choice, why = False, f"{x.device.type} tensor (kernels run on CUDA)"
     elif not gpu_verified:
-        choice, why = False, "kernel not verified on a GPU: GPU_VERIFIED = False (MINTUNE_KERNELS=triton uses it anyway)"
+        choice, why = False, "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
     else:
         choice, why = True, "CUDA tensor"
     if (op, why) not in _said:

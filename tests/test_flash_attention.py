@@ -222,9 +222,9 @@ fa_key_blocks, fa_query_blocks = fa._key_blocks, fa._query_blocks
 def test_block_ranges_cover_every_visible_key_and_skip_masks_only_where_all_are_visible():
     """Checked against `visible_keys` for every block of many shapes: [lo, hi) holds every visible pair,
     and a block inside [full_lo, full_hi), which runs without a mask, has every real pair visible."""
-    for T, S in [(1, 1), (1, 17), (5, 40), (17, 17), (33, 33), (40, 100), (64, 64), (100, 100)]:
+    for T, S in [(1, 17), (5, 40), (17, 17), (33, 33), (40, 100), (100, 100)]:
         for causal in (True, False):
-            for window in (None, 1, 5, 16, 40):
+            for window in (None, 1, 5, 40):
                 vis = fa.visible_keys(T, S, causal=causal, window=window, key_mask=None, device="cpu")[0, 0]
                 for BM, BN in [(16, 16), (16, 32), (32, 16)]:
                     for keys in (True, False):
