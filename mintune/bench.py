@@ -208,12 +208,15 @@ def matmul_rows(device: torch.device, quick: bool, verify: bool = True, alternat
                     step(i)
             return run
 
-        if on_gpu:
-            paths = {"fused": mm.DEQUANT_MIN_M > M, "dequant": mm.DEQUANT_MIN_M <= M}
+        # what the library runs for this x: the kernel on a GPU (forced), the reference on a CPU
+        with kernel_mode("triton" if on_gpu else "reference"):
+            _expect(paths_taken(lambda: ops.int8_linear(x, *weights[0]), ["int8_linear"]),
+                    "kernel" if on_gpu else "reference", f"matmul M={M} N={N} K={K}")
+        if on_gpu:  # the kernel functions themselves are timed (no autograd), like the bare cuBLAS call
             ours = {p: (cycle(lambda i, p=p: mm.int8_matmul(x, *weights[i], path=p)),
                         cycle(lambda i, p=p: mm.int8_matmul_grad_input(dy, *weights[i], path=p)))
                     for p in ("fused", "dequant")}
-            default = "dequant" if paths["dequant"] else "fused"
+            default = "dequant" if M >= mm.DEQUANT_MIN_M else "fused"
         else:
             ours = {"reference": (cycle(lambda i: mm.int8_matmul_reference(x, *weights[i])),
                                   cycle(lambda i: dy @ mm.dequantize_int8(*weights[i]).to(dtype)))}

@@ -142,7 +142,7 @@ def test_lora_on_int8_trains_only_lora(saved, monkeypatch, bf16):
     ids = torch.randint(4, 180, (4, 12), generator=torch.Generator().manual_seed(1))
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(5):  # kernels through the interpreter: a few steps show the loss falling
         loss, n = lm_loss_sum(model, ids, None, ids)
         opt.zero_grad()
         (loss / n).backward()
