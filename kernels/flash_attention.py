@@ -576,9 +576,10 @@ DKDV_CONFIGS = {
 # --alternatives` to time beside the chosen ones on a GPU.
 ALTERNATIVES = {
     ("FORWARD_CONFIGS", 128): (Config(128, 128, 8, 2, "128-key steps: half the softmax rescales; 255 registers, "
-                                                      "48 bytes of spill with segments on Triton 3.9"),
+                                                      "spills with segments (48 bytes on Triton 3.9, 8 on 3.6)"),
                                Config(128, 64, 8, 2, "2 stages")),
-    ("DKDV_CONFIGS", 128): (Config(32, 128, 8, 2, "32-query steps, 236-255 registers"),
+    ("DKDV_CONFIGS", 128): (Config(32, 128, 8, 2, "32-query steps, 236-255 registers; spills 24 bytes with "
+                                                   "segments on Triton 3.6"),
                             Config(32, 128, 8, 2, "32-query steps, dK and dV in two launches", split_dkdv=True)),
     ("FORWARD_CONFIGS", 64): (Config(128, 128, 8, 3, "D<=64, 128-key steps"),),
     ("DKDV_CONFIGS", 64): (Config(64, 128, 8, 2, "D<=64, 64-query steps"),),
