@@ -8,9 +8,9 @@ cuda:LOCAL_RANK with nccl or the CPU with gloo, and `train.parallel` says how th
     ddp   DistributedDataParallel: every process holds the whole model, and the trainable gradients are
           averaged over the processes after a step's last backward (all-reduce). Frozen weights and
           buffers (an int8 base too) are left out of DDP: never broadcast, never reduced.
-    fsdp  FSDP2 (`fully_shard`) per block and at the root: each process keeps 1/N of every weight,
-          gradient and AdamW moment; a block's weights are all-gathered just before it runs and freed
-          after. With train.precision = "bf16" on a float32 model, FSDP computes and all-gathers in
+    fsdp  FSDP2 (`fully_shard`) per block, on a classification head and at the root: each process
+          keeps 1/N of every weight, gradient and AdamW moment; a block's weights are all-gathered just
+          before it runs and freed after. With train.precision = "bf16" on a float32 model, FSDP computes and all-gathers in
           bf16 and reduces gradients in float32 into float32 master weights (MixedPrecisionPolicy).
 
 Which rows each process takes. Every process draws the same micro-batches from the same seeded Mixer,
@@ -200,18 +200,18 @@ class Parallel:
         if self.mode != "fsdp":
             yield
             return
-        blocks, modules = list(self.model.layers), [*self.model.layers, self.model]
-        for block in blocks:
-            block.set_reshard_after_forward(False)
-        for module in modules:
+        units = fsdp_units(self.model)
+        for unit in units:
+            unit.set_reshard_after_forward(False)
+        for module in [*units, self.model]:
             module.unshard()
         try:
             yield
         finally:
-            for module in modules:
+            for module in [*units, self.model]:
                 module.reshard()
-            for block in blocks:
-                block.set_reshard_after_forward(True)
+            for unit in units:
+                unit.set_reshard_after_forward(True)
 
     @contextmanager
     def trained_weights(self):
@@ -358,38 +358,50 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DDP(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards on their own, inside the root: each block, and a classification head. The
+    head is a unit of its own because FSDP reduces a unit's gradients from backward hooks on its outputs:
+    a head trained on a frozen model gets its gradients after the root's outputs, which need none."""
+    head = getattr(model, "head", None)
+    return [*model.layers] + ([head] if head is not None else [])
+
+
 def _fsdp(model: nn.Module, device: torch.device, world: int, mixed: bool) -> None:
-    """fully_shard each block, then the root (the embeddings, final norm, head and soft prompt)."""
+    """fully_shard each block and the classification head, then the root (the embeddings, final norm,
+    output head and soft prompt)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     check_shardable(model)
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden_states")  # the loss and evaluation call it, not forward
     # backward prefetching by a fixed order (block i fetches block i-1), not by FSDP's record of the
     # forwards since the last backward: evaluation runs a different number of them on each process
     for i, block in enumerate(model.layers):
         block.set_modules_to_backward_prefetch([model.layers[i - 1] if i else model])
+    if getattr(model, "head", None) is not None:  # the root's weights are whole from the forward already
+        model.head.set_modules_to_backward_prefetch([model])
     with torch.no_grad():  # FSDP takes the module whose forward runs first for its root: the model
         model.hidden_states(torch.zeros(1, 2, dtype=torch.long, device=device))
     model.reshard()  # the root keeps its weights whole after a forward: shard them before AdamW takes them
 
 
 def check_shardable(model: nn.Module) -> None:
-    """FSDP reduces the gradients of a group (a block, or the rest of the model) in one dtype: refuse a
-    group that trains weights of two dtypes (e.g. a float32 head beside bfloat16 embeddings)."""
-    in_blocks = {id(p) for block in model.layers for p in block.parameters()}
-    groups = {f"layers.{i}": list(block.named_parameters()) for i, block in enumerate(model.layers)}
-    groups["the rest of the model"] = [(n, p) for n, p in model.named_parameters() if id(p) not in in_blocks]
+    """FSDP reduces the gradients of a unit (a block, the head, the rest of the model) in one dtype: refuse
+    a unit that trains weights of two dtypes (e.g. float32 LoRA weights beside bfloat16 block weights)."""
+    units = dict(zip([f"layers.{i}" for i in range(len(model.layers))] + ["head"], fsdp_units(model)))
+    in_units = {id(p) for unit in units.values() for p in unit.parameters()}
+    groups = {name: list(unit.named_parameters()) for name, unit in units.items()}
+    groups["the rest of the model"] = [(n, p) for n, p in model.named_parameters() if id(p) not in in_units]
     for where, params in groups.items():
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in params if p.requires_grad})
         if len(dtypes) > 1:
             raise ValueError(f"train.parallel = \"fsdp\": {where} trains weights in {' and '.join(dtypes)}, and "
-                             "FSDP reduces a group's gradients in one dtype; load the model with "
+                             "FSDP reduces a unit's gradients in one dtype; load the model with "
                              "model.dtype = \"float32\" (train.precision = \"bf16\" still computes in bf16), "
                              "or use train.parallel = \"ddp\"")
 
