@@ -201,9 +201,13 @@ def test_a_sharded_checkpoint_resumes_in_one_process(fsdp_runs, recipe, tmp_path
 
 # --------------------------------------------------------------------------- without accumulation or recomputation
 
-@pytest.mark.parametrize("method, parallel", [("lora", "ddp"), ("full", "fsdp")])
+LONG = pytest.mark.skipif(os.environ.get("MINTUNE_LONG_TESTS") != "1", reason="MINTUNE_LONG_TESTS=1: longer cases")
+
+
+@pytest.mark.parametrize("method, parallel", [pytest.param("lora", "ddp", marks=LONG), ("full", "fsdp")])
 def test_plain_steps_are_one_process_steps_too(recipe, tmp_path, method, parallel):
-    """One micro-batch a step, no gradient checkpointing: DDP's and FSDP's own backward hooks."""
+    """One micro-batch a step, no gradient checkpointing: FSDP's own backward hooks (and DDP's plain
+    all-reduce, in the long run)."""
     overrides = [f"--method.name={method}", f"--train.parallel={parallel}", "--train.grad_accum=1"]
     done = torchrun(recipe, tmp_path / "two", *overrides, "--train.gradient_checkpointing=0")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -232,7 +236,7 @@ CASES = [(m, "ddp") for m in METHODS] + [(m, "fsdp") for m in METHODS if m != "l
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2 ** -8}
 
 
-@pytest.mark.skipif(os.environ.get("MINTUNE_LONG_TESTS") != "1", reason="MINTUNE_LONG_TESTS=1: every method")
+@LONG
 @pytest.mark.parametrize("method, parallel", CASES)
 def test_every_method_takes_the_step_of_one_process(recipe, tmp_path, method, parallel):
     overrides = [*METHODS[method], f"--train.parallel={parallel}"]
