@@ -10,8 +10,9 @@ cuda:LOCAL_RANK with nccl or the CPU with gloo, and `train.parallel` says how th
           buffers (an int8 base too) are left out of DDP: never broadcast, never reduced.
     fsdp  FSDP2 (`fully_shard`) per block, on a classification head and at the root: each process
           keeps 1/N of every weight, gradient and AdamW moment; a block's weights are all-gathered just
-          before it runs and freed after. With train.precision = "bf16" on a float32 model, FSDP computes and all-gathers in
-          bf16 and reduces gradients in float32 into float32 master weights (MixedPrecisionPolicy).
+          before it runs and freed after. With train.precision = "bf16" on a float32 model, FSDP
+          computes and all-gathers in bf16 and reduces gradients in float32 into float32 master
+          weights (MixedPrecisionPolicy).
 
 Which rows each process takes. Every process draws the same micro-batches from the same seeded Mixer,
 batch_size x N rows each, collated together; process r keeps rows [r*b, (r+1)*b). The loss is divided
@@ -354,7 +355,7 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
     step = StepLoss(model)
     frozen = [n for n, p in step.named_parameters() if not p.requires_grad] + [n for n, _ in step.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(step, frozen)
+    DDP._set_params_and_buffers_to_ignore_for_model(step, frozen)  # DDP's own (static) way to leave names out
     return DDP(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -374,7 +375,8 @@ def _fsdp(model: nn.Module, device: torch.device, world: int, mixed: bool) -> No
 
     check_shardable(model)
     mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else {}
+    policy = MixedPrecisionPolicy(**bf16)  # bf16 all-gathers, float32 gradients and master weights
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -231,6 +231,7 @@ SENTIMENT = ['--data.mix=[{name = "sentiment", kind = "classification", train = 
 METHODS = {  # the other methods, each small enough for a few seconds a run
     "lora-int8": ["--model.quantize=int8"],
     "lora-bf16": ["--model.dtype=bfloat16"],
+    "full-bf16-compute": ["--method.name=full", "--train.precision=bf16"],  # FSDP: float32 master weights
     "partial": ["--method.name=partial", "--method.last_n_blocks=1"],
     "prompt_tuning": ["--method.name=prompt_tuning", "--method.n_tokens=4"],
     "prefix_tuning": ["--method.name=prefix_tuning", "--method.n_tokens=4"],
@@ -238,7 +239,7 @@ METHODS = {  # the other methods, each small enough for a few seconds a run
     "head": ["--method.name=head", *SENTIMENT],
 }
 CASES = [(m, "ddp") for m in METHODS] + [(m, "fsdp") for m in METHODS if m != "lora-int8"]
-# a bfloat16 base rounds each row's activations to 8 bits: 2 processes differ from 1 by its rounding
+# bfloat16 weights or compute round each row's activations to 8 bits: 2 processes differ from 1 by that
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2 ** -8}
 
 
@@ -252,7 +253,8 @@ def test_every_method_takes_the_step_of_one_process(recipe, tmp_path, method, pa
     losses = [abs(a["loss"] - b["loss"]) for a, b in zip(rows(one, "train"), rows(two, "train"), strict=True)]
     diff = max_diff(weights(one), weights(two))
     print(f"{method} under {parallel}: largest difference to one process: loss {max(losses):.2e}, weights {diff:.2e}")
-    tolerance = TOLERANCE["bfloat16" if "--model.dtype=bfloat16" in overrides else "float32"]
+    bf16 = "--model.dtype=bfloat16" in overrides or "--train.precision=bf16" in overrides
+    tolerance = TOLERANCE["bfloat16" if bf16 else "float32"]
     assert max(losses) <= tolerance and diff <= tolerance
 
 
