@@ -1,4 +1,5 @@
 """Perplexity against transformers' own language-model loss, and the evaluate command line."""
+import importlib
 import math
 import subprocess
 import sys
@@ -42,3 +43,21 @@ def test_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mintune.evaluate", "--model", str(tmp_path / "m"), "--data",
                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert out.returncode == 2 and "bad.jsonl line 2" in out.stderr
+
+
+def test_command_line_quantize_int8(tmp_path, capsys):
+    """--quantize int8 takes the int8 path: the perplexity printed is the library's int8 model's, which
+    differs from the float model's at the three decimals printed."""
+    from transformers import AutoTokenizer
+
+    save_chat_model(tmp_path / "m")
+    tok = mintune.load_tokenizer(tmp_path / "m")
+    rows = ["Small robots wave at passers-by.", "She said: don't forget the umbrella!"]
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "{r}"}}\n' for r in rows))
+    int8 = perplexity(mintune.load_model(tmp_path / "m", quantize="int8"), tok, rows)
+    assert f"{int8:.3f}" != f"{perplexity(mintune.load_model(tmp_path / 'm'), tok, rows):.3f}"
+    predicted = sum(len(ids) - 1 for ids in AutoTokenizer.from_pretrained(tmp_path / "m")(rows).input_ids)
+    main = importlib.import_module("mintune.evaluate").main  # the command line, in this process
+    assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == (f"{tmp_path / 'd.jsonl'}: perplexity {int8:.3f} over {predicted} predicted "
+                                       f"tokens in 2 texts\n")
