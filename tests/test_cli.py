@@ -5,15 +5,12 @@ use, and `python -m mintune.train ... --dry-run` on a multi-task recipe of the r
 test_generate_text.py and test_evaluate.py; `mintune.train -h` and a failing --dry-run in test_train.py.)
 """
 import importlib
-import json
 import os
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).parent.parent
 

@@ -94,7 +94,8 @@ def test_merge_and_unload_leaves_a_plain_model(saved):
                 hf_linear.weight += (12 / 4) * lora.lora_B @ lora.lora_A
     mintune.merge_lora(model, unload=True)
     assert not lora_layers(model) and "lora" not in model.methods
-    assert all(type(getattr(layer.attn, proj)) is torch.nn.Linear for layer in model.layers for proj in ("q_proj", "v_proj"))
+    assert all(type(getattr(layer.attn, proj)) is torch.nn.Linear
+               for layer in model.layers for proj in ("q_proj", "v_proj"))
     assert set(model.state_dict()) == plain_names  # no lora_A / lora_B left
     ids = batch(model.cfg.vocab_size)
     with torch.no_grad():
