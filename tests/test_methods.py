@@ -1,6 +1,8 @@
 """Every way of choosing what trains: the trainable set (by name), the loss falling on a toy task,
 generation with the KV cache, saving and loading; prompt tuning against peft, prefix tuning against
 peft and against transformers given the prefixes as its KV cache."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,7 @@ def apply(model, method, settings):
 def test_method_trains_what_it_says_and_loss_falls(saved, method, tmp_path):
     settings, expected = METHODS[method]
     model = mintune.load_model(saved("llama"))
+    torch.manual_seed(0)  # new weights start from the global generator: the same whatever ran before
     apply(model, method, settings)
     names = trainable(model)
     assert expected("all" if names == {n for n, _ in model.named_parameters()} else names), sorted(names)
@@ -86,7 +89,12 @@ def test_method_trains_what_it_says_and_loss_falls(saved, method, tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lr = {"full": 3e-3, "prefix_tuning": 1e-1}.get(method, 2e-2)  # prefixes want a larger step
     losses = train_steps(model, lambda: lm_loss(model, ids), lr=lr)
-    assert losses[-1] < 0.9 * losses[0], losses
+    # The untrained model scores 6.4-6.9 nats on the batch, worse than a uniform guess over the vocabulary
+    # (ln 211 = 5.35, which no rescaling of its logits beats); after 15 steps every method is below that
+    # guess (measured over five initialisations: soft prompts 4.0-5.1, LoRA 2.6-2.8, adapters 1.1, full
+    # and partial under 0.1)
+    uniform = math.log(model.cfg.vocab_size)
+    assert losses[0] > uniform > losses[-1], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     if method == "full":
         return
@@ -267,6 +275,7 @@ def sentiment_toy(vocab, n=48, T=8, seed=0):
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_classification_head_trains(saved, with_lora):
     model = mintune.load_model(saved("llama"))
+    torch.manual_seed(0)  # LoRA's A and the head start from the global generator: the same whatever ran before
     if with_lora:
         mintune.apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
     mintune.add_classification_head(model, num_labels=2)
@@ -275,9 +284,17 @@ def test_classification_head_trains(saved, with_lora):
     ids, labels = sentiment_toy(model.cfg.vocab_size)
     mask = torch.ones_like(ids)
     mask[::3, -2:] = 0  # some right padding
+    # with LoRA on every linear layer a step of 2e-2 overshoots (the loss reaches 0, then jumps back to
+    # 0.1-0.4 for some initialisations: measured), 1e-2 does not
     losses = train_steps(model, lambda: F.cross_entropy(mintune.classify(model, ids, mask), labels),
-                         steps=25, lr=2e-2)
-    assert losses[-1] < 0.8 * losses[0], losses
+                         steps=25, lr=1e-2 if with_lora else 2e-2)
+    # always answering the commoner label scores the labels' entropy (0.685 nats: 27 of 48 rows are 1);
+    # the head fits the 48 rows far below that (measured 0.074-0.080 alone over six initialisations, under
+    # 1e-3 with LoRA) and gets every row right
+    p = labels.float().mean().item()
+    assert losses[-1] < 0.3 * -(p * math.log(p) + (1 - p) * math.log(1 - p)), losses
+    with torch.no_grad():
+        assert torch.equal(mintune.classify(model, ids, mask).argmax(-1), labels)
 
 
 def test_classification_head_equals_transformers_sequence_classification(saved):
@@ -324,19 +341,22 @@ def test_logistic_regression_is_optimal():
     assert (lin(x).argmax(-1) == y).float().mean() > 0.9
 
 
-def test_feature_based_transfer(saved, tmp_path):
-    model = mintune.load_model(saved("llama"))
+def test_feature_based_transfer(saved_with_model, tmp_path):
+    """The features are transformers' last hidden states (after the final norm) averaged over the tokens; the
+    head is the regression fit on them (its optimality: test_logistic_regression_is_optimal)."""
+    path, hf = saved_with_model("llama")
+    model = mintune.load_model(path)
     ids, labels = sentiment_toy(model.cfg.vocab_size, n=96)
     batches = [{"input_ids": ids[i:i + 32], "labels": labels[i:i + 32]} for i in range(0, 64, 32)]
     head = mintune.fit_classification_head(model, batches, num_labels=2, pooling="mean")
     assert trainable(model) == {"head.score.weight", "head.score.bias"}
     feats = extract_features(model, ids, pooling="mean")
+    with torch.no_grad():
+        assert (feats - hf(input_ids=ids, output_hidden_states=True).hidden_states[-1].mean(1)).abs().max() <= 1e-4
     assert torch.allclose(mintune.classify(model, ids), head.score(feats), atol=1e-5)
-    train_acc = (mintune.classify(model, ids[:64]).argmax(-1) == labels[:64]).float().mean()
-    assert train_acc > 0.7
     mintune.save_adapter(model, tmp_path / "probe")  # mean pooling + bias: mintune's own layout
     assert (tmp_path / "probe" / "mintune_adapter.json").exists()
-    again = mintune.load_adapter(mintune.load_model(saved("llama")), tmp_path / "probe")
+    again = mintune.load_adapter(mintune.load_model(path), tmp_path / "probe")
     assert torch.equal(mintune.classify(again, ids), mintune.classify(model, ids))
 
 
