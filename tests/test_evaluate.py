@@ -1,5 +1,4 @@
 """Perplexity against transformers' own language-model loss, and the evaluate command line."""
-import importlib
 import math
 import subprocess
 import sys
@@ -7,6 +6,7 @@ import sys
 import torch
 
 import mintune
+from commands import python_m
 from mintune.evaluate import perplexity, token_nll
 from tiny_hf import save_chat_model
 
@@ -45,7 +45,7 @@ def test_command_line(tmp_path):
     assert out.returncode == 2 and "bad.jsonl line 2" in out.stderr
 
 
-def test_command_line_quantize_int8(tmp_path, capsys):
+def test_command_line_quantize_int8(tmp_path, capsys, monkeypatch):
     """--quantize int8 takes the int8 path: the perplexity printed is the library's int8 model's, which
     differs from the float model's at the three decimals printed."""
     from transformers import AutoTokenizer
@@ -57,7 +57,7 @@ def test_command_line_quantize_int8(tmp_path, capsys):
     int8 = perplexity(mintune.load_model(tmp_path / "m", quantize="int8"), tok, rows)
     assert f"{int8:.3f}" != f"{perplexity(mintune.load_model(tmp_path / 'm'), tok, rows):.3f}"
     predicted = sum(len(ids) - 1 for ids in AutoTokenizer.from_pretrained(tmp_path / "m")(rows).input_ids)
-    main = importlib.import_module("mintune.evaluate").main  # the command line, in this process
-    assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--quantize", "int8"]) == 0
-    assert capsys.readouterr().out == (f"{tmp_path / 'd.jsonl'}: perplexity {int8:.3f} over {predicted} predicted "
-                                       f"tokens in 2 texts\n")
+    command = ["--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--quantize", "int8"]
+    status, out, _ = python_m("evaluate", command, capsys, monkeypatch)
+    assert (status, out) == (0, f"{tmp_path / 'd.jsonl'}: perplexity {int8:.3f} over {predicted} predicted tokens in "
+                                "2 texts\n")

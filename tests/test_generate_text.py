@@ -1,6 +1,5 @@
 """Text in, text out: mintune.generate and `python -m mintune.generate` against transformers' generate()
 with transformers' tokenizer, on a tiny chat model (tokenizer and weights made here)."""
-import importlib
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 import mintune
+from commands import python_m
 from mintune.generation import generate_ids
 from tiny_hf import save_chat_model
 
@@ -80,7 +80,7 @@ def test_command_line(chat_dir):
         assert "RuntimeWarning" not in out.stderr
 
 
-def test_command_line_quantize_int8(chat_dir, capsys):
+def test_command_line_quantize_int8(chat_dir, capsys, monkeypatch):
     """--quantize int8 takes the int8 path: the command prints what the library's int8 model generates, which
     here differs from what the float model generates (after 20 tokens, for the first prompt)."""
     path, _ = chat_dir
@@ -88,9 +88,9 @@ def test_command_line_quantize_int8(chat_dir, capsys):
     int8 = mintune.generate(mintune.load_model(path, quantize="int8"), tok, PROMPTS, max_new_tokens=20)
     assert int8 != mintune.generate(mintune.load_model(path), tok, PROMPTS, max_new_tokens=20)
     prompts = [a for p in PROMPTS for a in ("--prompt", p)]
-    main = importlib.import_module("mintune.generate").main  # the command line, in this process
-    assert main(["--model", str(path), *prompts, "--max-new-tokens", "20", "--quantize", "int8"]) == 0
-    assert capsys.readouterr().out == "".join(text + "\n" for text in int8)
+    status, out, _ = python_m("generate", ["--model", path, *prompts, "--max-new-tokens", "20", "--quantize", "int8"],
+                              capsys, monkeypatch)
+    assert (status, out) == (0, "".join(text + "\n" for text in int8))
 
 
 def test_learned_positions_end_at_the_limit(saved):
