@@ -13,13 +13,16 @@ Saved adapters (`save_adapter` / `load_adapter`):
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write, read_json, write_json
+from .files import default_mode, disk_full_named, read_json, tensor_bytes, write_json
 from .heads import add_classification_head
 from .hf import NAME_MAPS, qkv_rows_to_hf, qkv_rows_to_mintune
 from .lora import apply_lora, linear_layers, lora_layers
@@ -30,6 +33,7 @@ from .prompts import apply_prompt_tuning
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 OWN_CONFIG, OWN_WEIGHTS = "mintune_adapter.json", "mintune_adapter.safetensors"
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, OWN_CONFIG, OWN_WEIGHTS)
 
 
 def _peft_compatible(model: GPT) -> bool:
@@ -42,28 +46,77 @@ def _peft_compatible(model: GPT) -> bool:
 
 
 def save_adapter(model: GPT, path: str | Path) -> Path:
-    """Write what the applied methods trained (see the module docstring for the two layouts)."""
+    """Write what the applied methods trained (see the module docstring for the two layouts).
+
+    The adapter is written whole into a new folder beside `path`, then swapped in by two renames, so a
+    reader never finds a config and tensors from different saves; other files in an old `path` (a
+    README, ...) are carried over. A kill between the renames leaves `path` missing and the old and new
+    adapters beside it as .NAME.old-* and .NAME.new-*: load_adapter names them, the next save puts the
+    old one back before it starts."""
     if not model.methods:
         raise ValueError("no fine-tuning method was applied to this model: nothing to save "
                          "(for a whole model use save_pretrained)")
     if "full" in model.methods:
         raise ValueError("full fine-tuning trains every weight: save the model with save_pretrained")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: an adapter is saved as a folder")
     if _peft_compatible(model):
         tensors, config = _peft_state(model)
-        written, stale = (PEFT_CONFIG, PEFT_WEIGHTS), (OWN_CONFIG, OWN_WEIGHTS)
+        files = (PEFT_CONFIG, PEFT_WEIGHTS)
     else:
-        tensors = {n: t for n, t in _own_state(model).items()}
+        tensors = _own_state(model)
         config = {"format": "mintune-adapter", "version": 1, "family": model.cfg.family,
                   "base_model": getattr(model, "name_or_path", None), "methods": model.methods}
-        written, stale = (OWN_CONFIG, OWN_WEIGHTS), (PEFT_CONFIG, PEFT_WEIGHTS)
+        files = (OWN_CONFIG, OWN_WEIGHTS)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path / written[1], lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(path / written[0], config)
-    for name in stale:  # an adapter of the other layout from an earlier save would be ambiguous
-        (path / name).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_save(path)
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    try:
+        write_json(new / files[0], config)
+        with disk_full_named(path / files[1], tensor_bytes(tensors)):
+            save_file(tensors, str(new / files[1]), metadata={"format": "pt"})
+        _carry_other_files(path, new)
+        os.chmod(new, default_mode(directory=True))
+        _swap_in(new, path)
+    finally:
+        if new.exists():
+            shutil.rmtree(new)
     return path
+
+
+def _recover_interrupted_save(path: Path) -> None:
+    """A save killed between its two renames left `path` missing: put the previous adapter back, then
+    delete what that save left (its unfinished or unswapped new folder)."""
+    old = _leftovers(path, "old")
+    if old and not path.exists():
+        os.replace(old.pop(), path)
+    for stale in old + _leftovers(path, "new"):
+        shutil.rmtree(stale)
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Files of an earlier adapter folder that are not adapter files (a README, notes) go to the new one."""
+    if not old.is_dir():
+        return
+    for f in old.iterdir():
+        if f.name not in ADAPTER_FILES:
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old)  # onto the empty folder just made: a unique name
+    os.replace(new, path)
+    shutil.rmtree(old)
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.{kind}-*"))
 
 
 def _lora_hf_names(model: GPT) -> dict[str, str]:
@@ -141,6 +194,11 @@ def load_adapter(model: GPT, path: str | Path) -> GPT:
     elif (path / OWN_CONFIG).is_file():
         _load_own(model, path)
     else:
+        interrupted = _leftovers(path, "old") + _leftovers(path, "new")
+        if not path.exists() and interrupted:
+            raise FileNotFoundError(f"{path} is missing: a save was killed while swapping it in; the previous "
+                                    f"and the new adapter are in {', '.join(map(str, interrupted))} "
+                                    f"(rename one to {path.name})")
         raise FileNotFoundError(f"{path}: no {PEFT_CONFIG} (peft layout) or {OWN_CONFIG} (mintune layout)")
     return model
 
@@ -172,12 +230,29 @@ def _fill(model: GPT, source: Path, tensors: dict[str, torch.Tensor], targets: d
             targets[name].copy_(t)
 
 
+def _read_config(file: Path, needs: dict[str, tuple]) -> dict:
+    """An adapter's JSON config: an object whose `needs` keys hold values of the given types."""
+    cfg = read_json(file)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(cfg).__name__}")
+    _require(cfg, file, needs)
+    return cfg
+
+
+def _require(cfg: dict, file: Path, needs: dict[str, tuple]) -> None:
+    for key, kinds in needs.items():
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{file}: {key} should be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
 def _load_peft(model: GPT, path: Path) -> None:
-    cfg = read_json(path / PEFT_CONFIG)
+    cfg = _read_config(path / PEFT_CONFIG, {"peft_type": (str,)})
     kind = cfg.get("peft_type")
     tensors = _read_tensors(path / PEFT_WEIGHTS)
     source = path / PEFT_WEIGHTS
     if kind == "PROMPT_TUNING":
+        _require(cfg, path / PEFT_CONFIG, {"num_virtual_tokens": (int,)})
         if cfg.get("num_transformer_submodules", 1) != 1:
             raise ValueError(f"{path / PEFT_CONFIG}: num_transformer_submodules must be 1 for a causal model")
         apply_prompt_tuning(model, int(cfg["num_virtual_tokens"]))
@@ -186,6 +261,7 @@ def _load_peft(model: GPT, path: Path) -> None:
     if kind != "LORA":
         raise ValueError(f"{path / PEFT_CONFIG}: peft_type {kind!r} is not supported; mintune reads LORA and "
                          f"PROMPT_TUNING adapters in peft's layout")
+    _require(cfg, path / PEFT_CONFIG, {"r": (int,), "lora_alpha": (int, float), "target_modules": (list, str)})
     unsupported = {"use_dora": bool(cfg.get("use_dora")), "bias": cfg.get("bias", "none") != "none",
                    "layers_to_transform": cfg.get("layers_to_transform") is not None,
                    "rank_pattern": bool(cfg.get("rank_pattern")), "alpha_pattern": bool(cfg.get("alpha_pattern"))}
@@ -214,7 +290,7 @@ def _load_peft(model: GPT, path: Path) -> None:
 
 
 def _load_own(model: GPT, path: Path) -> None:
-    cfg = read_json(path / OWN_CONFIG)
+    cfg = _read_config(path / OWN_CONFIG, {"format": (str,), "family": (str,), "methods": (dict,)})
     if cfg.get("format") != "mintune-adapter":
         raise ValueError(f"{path / OWN_CONFIG}: not a mintune adapter (format {cfg.get('format')!r})")
     if cfg.get("family") != model.cfg.family:
@@ -223,6 +299,11 @@ def _load_own(model: GPT, path: Path) -> None:
     for method, settings in cfg["methods"].items():
         if method not in METHODS:
             raise ValueError(f"{path / OWN_CONFIG}: unknown method {method!r}; mintune knows: {', '.join(METHODS)}")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path / OWN_CONFIG}: the settings of method {method!r} should be an object")
         settings = {k: v for k, v in settings.items() if k not in ("fitted", "init_text")}
-        METHODS[method](model, **settings)
+        try:
+            METHODS[method](model, **settings)
+        except (TypeError, ValueError) as e:  # a setting this method does not take, or a bad value
+            raise ValueError(f"{path / OWN_CONFIG}: the settings of method {method!r} do not fit it ({e})") from None
     _fill(model, path / OWN_WEIGHTS, tensors, _own_state(model))

@@ -92,6 +92,9 @@ class ModelConfig:
     @staticmethod
     def from_hf(hf: dict, source: str = "config.json") -> "ModelConfig":
         """Translate a Hugging Face config dict; `source` names the file in error messages."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(hf).__name__}")
+        check_field_types(hf, source)
         family = hf.get("model_type")
         if family not in FAMILIES:
             raise ConfigError(
@@ -121,10 +124,58 @@ class ModelConfig:
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
             cfg.hf_generation = read_json(gen_file)
+            if not isinstance(cfg.hf_generation, dict):
+                raise ConfigError(f"{gen_file}: expected a JSON object, got {type(cfg.hf_generation).__name__}")
+            check_field_types(cfg.hf_generation, str(gen_file))
             for i in _as_list(cfg.hf_generation.get("eos_token_id")):
                 if i not in cfg.eos_token_ids:
                     cfg.eos_token_ids.append(i)
         return cfg
+
+
+# The type of every config.json field mintune reads (names as the families spell them). A field set to
+# null counts as absent. Sizes must be positive.
+SIZES = ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions", "n_inner", "hidden_size", "num_heads",
+         "num_layers", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "intermediate_size",
+         "ffn_dim", "max_position_embeddings", "head_dim", "word_embed_proj_dim", "window_size", "sliding_window")
+FIELD_TYPES = {
+    **{k: "size" for k in SIZES}, "max_window_layers": "int",
+    **{k: "number" for k in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "rope_theta", "rotary_emb_base",
+                             "partial_rotary_factor", "rotary_pct", "embd_pdrop", "resid_pdrop", "attn_pdrop",
+                             "embed_dropout", "resid_dropout", "attention_dropout", "dropout", "hidden_dropout")},
+    **{k: "bool" for k in ("add_cross_attention", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                           "tie_word_embeddings", "do_layer_norm_before", "enable_bias", "attention_bias",
+                           "layer_norm_elementwise_affine", "_remove_final_layer_norm", "use_parallel_residual",
+                           "mlp_bias", "use_sliding_window")},
+    **{k: "str" for k in ("model_type", "activation_function", "hidden_act")},
+    **{k: "list" for k in ("attention_layers", "attention_types", "layer_types")},
+    **{k: "dict" for k in ("rope_parameters", "rope_scaling")},
+    **{k: "token ids" for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_TYPE_CHECKS = {
+    "size": (_is_int, "a positive integer"), "int": (_is_int, "an integer"),
+    "number": (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a number"),
+    "bool": (lambda x: isinstance(x, bool), "true or false"), "str": (lambda x: isinstance(x, str), "a string"),
+    "list": (lambda x: isinstance(x, list), "a list"), "dict": (lambda x: isinstance(x, dict), "an object"),
+    "token ids": (lambda x: _is_int(x) or (isinstance(x, list) and all(map(_is_int, x))), "an id or a list of ids"),
+}
+
+
+def check_field_types(hf: dict, source: str) -> None:
+    """Every field mintune reads has the type it needs (a number written as a string is named here)."""
+    for key, kind in FIELD_TYPES.items():
+        value = hf.get(key)
+        if value is None:
+            continue
+        ok, expected = _TYPE_CHECKS[kind]
+        if not ok(value) or (kind == "size" and value < 1):
+            raise ConfigError(f"{source}: {key} should be {expected}, got {value!r}")
 
 
 def _as_list(x) -> list[int]:

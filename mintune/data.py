@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .files import read_text
+
 IGNORE = -100
 KINDS = ("causal_lm", "instruction", "chat", "classification")
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -134,7 +136,7 @@ def resolve(path: str) -> Path:
 def read_rows(path: str) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a .jsonl, .csv or .txt file ({"text": document} for .txt)."""
     p = resolve(path)
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     rows = []
     if p.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), start=1):
@@ -211,8 +213,7 @@ class Builder:
                 ex = self._classification(row, path, n)
             else:
                 prompt = self._format(self.cfg.prompt_template, row, path, n, instruction=True)
-                ex = self._prompt_response(prompt, str(row_field(row, self.cfg.response_field, path, n, object)),
-                                           path, n)
+                ex = self._prompt_response(prompt, self._response(row, path, n), path, n)
             if ex is not None:
                 ex.shown = _shown(row, self.cfg)
                 out.append(ex)
@@ -222,6 +223,13 @@ class Builder:
         return out
 
     # ---- one kind each
+
+    def _response(self, row, path, n) -> str:
+        response = str(row_field(row, self.cfg.response_field, path, n, object))
+        if not response.strip():
+            raise DataError(f"{path} line {n}: field {self.cfg.response_field!r} is empty: there is no answer to "
+                            "train on (the model would learn to stop at once)")
+        return response
 
     def _causal_lm(self, rows, path) -> list[Example]:
         L, eos = self.cfg.max_length, self.tok.eos_id
@@ -278,6 +286,8 @@ class Builder:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise DataError(f"{path} line {n}: message {i} needs 'role' and 'content'")
+            if m["role"] == "assistant" and isinstance(m["content"], str) and not m["content"].strip():
+                raise DataError(f"{path} line {n}: message {i} is an empty assistant answer: nothing to train on")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{path} line {n}: no assistant message to train on")
         try:
@@ -320,6 +330,9 @@ class Builder:
         except KeyError as e:
             raise DataError(f"{path} line {n}: the prompt template needs field {e.args[0]!r}, "
                             f"the row has {sorted(row)}") from None
+        except (IndexError, ValueError) as e:  # "{0}", a lone "{"
+            raise DataError(f"data.prompt_template {template!r}: not a template of named fields ({e}); "
+                            "write {field} for a field, {{ and }} for braces") from None
 
     def _fits(self, ids: list[int], path, n) -> bool:
         """Prompt/response rows are never cut (a cut response would lose its EOS): too long, they are

@@ -17,20 +17,35 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_command
+from .cli import add_model_options, load_model_from, run_command
 from .data import IGNORE, collate, read_rows, row_field
 from .generation import generate_ids
 from .heads import classify
-from .hf import load_model
 from .loss import batch_loss, lm_loss_sum
 from .model import GPT, KVCache
-from .tokenizer import load_tokenizer
+
+
+def check_sizes(batch_size: int, max_length: int | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (a single token predicts nothing), got {max_length}")
+
+
+def check_texts(token_lists: list[list[int]], source: str = "") -> None:
+    """A perplexity needs a text of two tokens or more (a text's first token is conditioned on, not predicted)."""
+    if not any(len(ids) >= 2 for ids in token_lists):
+        raise ValueError(f"{source}none of the {len(token_lists)} texts has two tokens or more: there is "
+                         "nothing to predict")
 
 
 @torch.no_grad()
 def token_nll(model: GPT, token_lists: list[list[int]], batch_size: int = 8,
               max_length: int | None = None) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (nats) over all texts, and how many tokens were predicted."""
+    """Sum of next-token negative log-likelihoods (nats) over all texts, and how many tokens were predicted
+    (at least one: texts of a single token predict nothing, and are refused when no text has more)."""
+    check_sizes(batch_size, max_length)
+    check_texts(token_lists)
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -59,8 +74,6 @@ def perplexity(model: GPT, tok, texts: list[str], batch_size: int = 8, max_lengt
     if not texts:
         raise ValueError("perplexity needs at least one text")
     nll, n = token_nll(model, [tok.encode(t) for t in texts], batch_size, max_length)
-    if n == 0:
-        raise ValueError("the texts hold no token to predict (each needs at least two tokens)")
     return math.exp(nll / n)
 
 
@@ -188,6 +201,20 @@ def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: 
                 samples.append({"answer": answer.strip(), "reference": ref.strip()})
     return {"exact_match": hits / max(len(examples), 1), "samples": samples}
 
+def task_metrics(task, exact_match_limit: int) -> list[str]:
+    """The metrics `evaluate_tasks` measures for a task, by their names after "<task>/"."""
+    kind = task.cfg.kind
+    return (["loss"] + (["perplexity"] if kind == "causal_lm" else [])
+            + (["accuracy", "precision", "recall", "macro_f1", "confusion"] if kind == "classification" else [])
+            + (["exact_match"] if kind == "instruction" and exact_match_limit else []))
+
+
+def metric_names(tasks, exact_match_limit: int, retention: bool) -> list[str]:
+    """Every number `evaluate_tasks` reports on the validation split ("<task>/<metric>")."""
+    names = [f"{t.cfg.name}/{m}" for t in tasks for m in task_metrics(t, exact_match_limit) if m != "confusion"]
+    return names + (["retention/perplexity"] if retention else [])
+
+
 def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_size: int = 16,
                    exact_match_limit: int = 64, retention: list[str] = (), max_length: int | None = None) -> dict:
     """Every metric of every task on a split ("validation" or "test"), as {"<task>/<metric>": value}:
@@ -201,16 +228,16 @@ def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_s
             if not examples or (task.cfg.classifier == "head" and model.head is None
                                 and task.cfg.kind == "classification"):
                 continue  # nothing to evaluate (a head that feature-based transfer has not fitted yet)
-            name = task.cfg.name
+            name, wanted = task.cfg.name, task_metrics(task, exact_match_limit)
             m = eval_loss(model, examples, tok.pad_id, batch_size)
             metrics[f"{name}/loss"] = m["loss"]
-            if task.cfg.kind == "causal_lm":
+            if "perplexity" in wanted:
                 metrics[f"{name}/perplexity"] = m["perplexity"]
-            if task.cfg.kind == "classification":
+            if "accuracy" in wanted:
                 pred = predict_classes(model, examples, tok.pad_id, batch_size)
                 cm = classification_metrics(pred, [e.class_label for e in examples], task.labels)
                 metrics.update({f"{name}/{k}": v for k, v in cm.items()})
-            if task.cfg.kind == "instruction" and exact_match_limit:
+            if "exact_match" in wanted:
                 em = exact_match(model, tok, examples[:exact_match_limit], batch_size)
                 metrics[f"{name}/exact_match"] = em["exact_match"]
         if retention:
@@ -224,26 +251,24 @@ def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.evaluate",
                                  description="Perplexity of a model on a text file or a JSONL file.")
-    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    add_model_options(ap)
     ap.add_argument("--data", required=True, nargs="+",
                     help=".jsonl files (one text per row) or plain text files (one text per paragraph)")
     ap.add_argument("--field", default="text", help="the JSONL field holding the text")
     ap.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     ap.add_argument("--max-length", type=int, default=None, help="cut texts to this many tokens")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     return run_command(lambda: _evaluate_files(args))
 
 
 def _evaluate_files(args) -> None:
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    tok = load_tokenizer(args.model)
+    check_sizes(args.batch_size, args.max_length)
+    model, tok = load_model_from(args)
     for path in args.data:
-        texts = read_texts(path, args.field)
-        nll, n = token_nll(model, [tok.encode(t) for t in texts], args.batch_size, args.max_length)
-        print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(texts)} texts")
+        token_lists = [tok.encode(t) for t in read_texts(path, args.field)]
+        check_texts(token_lists, f"{path}: ")
+        nll, n = token_nll(model, token_lists, args.batch_size, args.max_length)
+        print(f"{path}: perplexity {math.exp(nll / n):.3f} over {n} predicted tokens in {len(token_lists)} texts")
 
 
 if __name__ == "__main__":

@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from .adapter_files import load_adapter
-from .cli import run_command
+from .cli import add_model_options, load_model_from, run_command
 from .generation import generate
-from .hf import load_model
-from .tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    add_model_options(ap)
     ap.add_argument("--adapter", default=None, help="a saved adapter to apply (peft's layout or mintune's)")
     ap.add_argument("--prompt", action="append", required=True,
                     help="text to continue; give it several times for a batch")
@@ -35,19 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     ap.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens of total mass p")
     ap.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="store the block linear weights in int8")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     args = ap.parse_args(argv)
     return run_command(lambda: _generate(args))
 
 
 def _generate(args) -> None:
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    model, tok = load_model_from(args)
     if args.adapter:
         load_adapter(model, args.adapter)
-    tok = load_tokenizer(args.model)
     prompts = args.prompt
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []

@@ -11,6 +11,8 @@ The token-choosing rules follow transformers' generate(): temperature, then top-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .model import GPT, KVCache
@@ -46,6 +48,21 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """The generation settings, each refused with its name and what it may be."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (number(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1: no limit), got {top_p!r}")
+
+
 @torch.no_grad()
 def generate_ids(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 50, temperature: float = 0.0, top_k: int | None = None,
@@ -56,8 +73,7 @@ def generate_ids(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tens
     A row that emits one of `eos_ids` keeps that token and is padded with `pad_id` afterwards.
     Without the cache every step recomputes the whole sequence (slow; the reference for the cache).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     cfg = model.cfg
@@ -118,6 +134,7 @@ def generate(model: GPT, tok, prompt, max_new_tokens: int = 50, temperature: flo
             ids.append(tok.encode(p))
         else:
             raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(p).__name__}")
+    tok.check_fits(model.cfg.vocab_size, getattr(model, "name_or_path", "the model"))
     eos = sorted(set(tok.stop_ids) | set(model.cfg.eos_token_ids))
     pad_id = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
     device = model.embed_tokens.weight.device

@@ -1,7 +1,12 @@
-"""GGUF files (llama.cpp's format) read from scratch, and converted to a Hugging Face model directory.
+"""GGUF files (llama.cpp's format) read from scratch, and converted to a Hugging Face model directory;
+the command line also exports models to GGUF (the writer is `gguf_export.py`).
 
-    python -m mintune.gguf MODEL.gguf OUT_DIR       # any Llama-architecture GGUF -> config.json,
-                                                    # model.safetensors, tokenizer.json, ...
+    python -m mintune.gguf convert MODEL.gguf OUT_DIR      # -> config.json, model.safetensors, tokenizer.json, ...
+    python -m mintune.gguf MODEL.gguf OUT_DIR              # the same (the older form)
+    python -m mintune.gguf export --model DIR [--adapter DIR] --out F.gguf --type f32|f16|q8_0
+
+Converted architectures: llama (Llama, SmolLM, Mistral), qwen2, qwen3, gpt2, gptneox (GPT-NeoX, Pythia);
+their names and keys are in `gguf_arch.py`, shared with the writer.
 
 Layout of a GGUF file (version 2 or 3, little-endian), https://github.com/ggml-org/ggml/blob/master/docs/gguf.md:
 
@@ -18,8 +23,9 @@ Quantized types store blocks of 32 values, each with its own float16 scale d (an
     Q4_1: d, m, 16 bytes of 4-bit q      x = d * q + m
     (4-bit: the low nibbles of the 16 bytes are values 0..15 of the block, the high nibbles 16..31)
 
-llama.cpp's converter reorders the rows of every q and k projection so that its rotary code can
-rotate adjacent pairs; `unpermute_qk` puts Hugging Face's "first half / second half" order back.
+llama.cpp's "llama" architecture stores the rows of every q and k projection reordered so that its
+rotary code can rotate adjacent pairs; `unpermute_qk` puts Hugging Face's "first half / second half"
+order back.
 """
 from __future__ import annotations
 
@@ -29,20 +35,25 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .cli import run_command
+from .config import ModelConfig
 from .files import default_mode, write_json
+from .gguf_arch import (PRE_TOKENIZER_SPLITS, ROPE_FREQS, ROTATES_PAIRS, GGUFError, check_rope_freqs, gguf_tensor_name, hf_config,
+                        mintune_param_name, permute_qk, unpermute_qk)
+from .gguf_export import export_dir
+from .hf import NAME_MAPS, to_hf
+from .model import GPT
 
-
-class GGUFError(ValueError):
-    """A GGUF file mintune cannot read or convert (the message names the file and the problem)."""
-
+__all__ = ["GGUFError", "GGUFFile", "GGUFTensor", "read_gguf", "read_gguf_tensor", "dequantize_gguf", "convert",
+           "hf_config", "hf_tokenizer", "permute_qk", "unpermute_qk", "main"]
 
 # ggml tensor types: id -> (name, values per block, bytes per block); only these are dequantized here
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
@@ -203,94 +214,35 @@ def read_gguf_tensor(g: GGUFFile, name: str) -> torch.Tensor:
     return dequantize_gguf(raw, t.type_id, t.shape)
 
 
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's row order for a q or k projection (n_head * head_dim rows; bias too).
-
-    llama.cpp stores, within each head, rows [r0, r_half, r1, r_half+1, ...] (pairs side by side);
-    Hugging Face keeps [r0, r1, ..., r_half-1, r_half, ...] (first halves, then second halves).
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 # --------------------------------------------------------------------------- conversion to Hugging Face
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def hf_tensor_name(g: GGUFFile, name: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise GGUFError(f"{g.path}: tensor {name!r} has no counterpart in a Hugging Face Llama model")
-
-
-def _f32(x: float) -> float:
-    """A float32 from the metadata as the shortest decimal that reads back as it (1e-05, not 9.99999974e-06)."""
-    return float(str(np.float32(x)))
-
-
-def hf_config(g: GGUFFile) -> dict:
-    """config.json of the Hugging Face Llama model this GGUF file holds."""
-    md = g.metadata
-    arch = md.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{g.path}: architecture {arch!r} is not supported: mintune converts llama-architecture "
-                        "GGUF files (Llama, SmolLM, and others that llama.cpp stores as 'llama')")
-
-    def need(key):
-        if f"llama.{key}" not in md:
-            raise GGUFError(f"{g.path}: metadata 'llama.{key}' is missing")
-        return md[f"llama.{key}"]
-
-    n_head = need("attention.head_count")
-    hidden = need("embedding_length")
-    head_dim = md.get("llama.attention.key_length", md.get("llama.rope.dimension_count", hidden // n_head))
-    if head_dim != md.get("llama.rope.dimension_count", head_dim):
-        raise GGUFError(f"{g.path}: partial rotary (rope.dimension_count < head size) is not supported")
-    if "rope_freqs.weight" in g.tensors:
-        raise GGUFError(f"{g.path}: rope scaling stored as a rope_freqs tensor (Llama 3.1 style) is not supported")
-    tokens = md.get("tokenizer.ggml.tokens")
-    vocab = md.get("llama.vocab_size") or (len(tokens) if tokens else g.tensors["token_embd.weight"].shape[0])
-    cfg = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
-        "num_hidden_layers": need("block_count"), "num_attention_heads": n_head,
-        "num_key_value_heads": md.get("llama.attention.head_count_kv", n_head), "head_dim": head_dim,
-        "max_position_embeddings": md.get("llama.context_length", 2048),
-        "rms_norm_eps": _f32(md.get("llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(md.get("llama.rope.freq_base", 10000.0)), "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in g.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in g.tensors, "mlp_bias": False, "torch_dtype": "float32",
-        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"), "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
-    }
-    scaling = md.get("llama.rope.scaling.type", "none")
-    if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(md["llama.rope.scaling.factor"])}
-    elif scaling == "yarn":
-        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": float(md["llama.rope.scaling.factor"]),
-                               "original_max_position_embeddings": md["llama.rope.scaling.original_context_length"]}
-    elif scaling != "none":
-        raise GGUFError(f"{g.path}: rope scaling type {scaling!r} is not supported")
-    return cfg
+def _hf_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """{GGUF tensor: (mintune parameter, Hugging Face tensor)}, every name and shape checked against the
+    model config.json describes (a model built on the meta device) before any data is read."""
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in GPT(cfg).named_parameters()}
+    names, plan = NAME_MAPS[cfg.family], {}
+    for t in g.tensors.values():
+        if t.name == ROPE_FREQS:
+            continue  # part of the rotary settings (checked in convert)
+        param = mintune_param_name(t.name)
+        if param not in expected:
+            raise GGUFError(f"{g.path}: tensor {t.name!r} has no counterpart in a Hugging Face {cfg.family} model "
+                            f"with this file's metadata")
+        shape = expected.pop(param)
+        if t.shape != shape:
+            raise GGUFError(f"{g.path}: tensor {t.name!r} has shape {t.shape}, the metadata implies {shape}")
+        plan[t.name] = (param, names.hf_param(param))
+    if expected:
+        raise GGUFError(f"{g.path}: missing tensor(s) {', '.join(gguf_tensor_name(n) for n in sorted(expected)[:8])}")
+    return plan
 
 
 # Split patterns by `tokenizer.ggml.pre` for vocabularies not split the GPT-2 way (these regular
 # expressions are the ones the models' own tokenizers were trained with); byte-level encoding follows.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
-_GPT2_LIKE = ("default", "gpt2", "smollm")
+_SPLITS = {**PRE_TOKENIZER_SPLITS, "llama3": PRE_TOKENIZER_SPLITS["llama-bpe"],
+           "llama-v3": PRE_TOKENIZER_SPLITS["llama-bpe"]}  # older names of the same split
+_GPT2_LIKE = ("gpt-2", "default", "gpt2", "smollm")  # "gpt-2" is llama.cpp's name; the others as found in files
 
 
 def _pre_tokenizer(g: GGUFFile):
@@ -341,15 +293,20 @@ def hf_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
     tok.post_processor = processors.Sequence(steps)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
-              "model_max_length": md.get("llama.context_length", 2048)}
+              "model_max_length": md.get(f"{md.get('general.architecture')}.context_length", 2048)}
     config = {k: v for k, v in config.items() if v is not None}
-    if "tokenizer.chat_template" in md:
+    named = {n: md[f"tokenizer.chat_template.{n}"] for n in md.get("tokenizer.chat_templates") or []
+             if f"tokenizer.chat_template.{n}" in md}
+    if named:  # tool_use, ...: the list form of tokenizer_config.json
+        default = {"default": md["tokenizer.chat_template"]} if "tokenizer.chat_template" in md else {}
+        config["chat_template"] = [{"name": k, "template": v} for k, v in {**default, **named}.items()]
+    elif "tokenizer.chat_template" in md:
         config["chat_template"] = md["tokenizer.chat_template"]
     return tok, config
 
 
 def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a Hugging Face Llama directory for a GGUF file; weights dequantized to float32.
+    """Write a Hugging Face directory (the family's own layout) for a GGUF file; weights dequantized to float32.
 
     Everything is written into a temporary directory beside out_dir and renamed at the end, so out_dir
     either does not exist or is complete.
@@ -357,29 +314,33 @@ def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     g, out = read_gguf(gguf_path), Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    cfg = hf_config(g)
+    hf_cfg = hf_config(g.path, g.metadata, g.tensors)
+    cfg = ModelConfig.from_hf(hf_cfg, f"{g.path} (its metadata as config.json)")
     tok, tok_cfg = hf_tokenizer(g)
-    for t in g.tensors.values():  # fail before writing anything
-        hf_tensor_name(g, t.name)
+    plan = _hf_tensors(g, cfg)  # fail before writing anything
+    for t in g.tensors.values():
         if t.nbytes is None:
             read_gguf_tensor(g, t.name)  # raises the unsupported-type error
+    if ROPE_FREQS in g.tensors:
+        check_rope_freqs(g.path, cfg, read_gguf_tensor(g, ROPE_FREQS))
+    arch, names = g.metadata["general.architecture"], NAME_MAPS[cfg.family]
+    heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, default_mode(directory=True))
     try:
         tensors = {}
-        for name in g.tensors:
+        for name, (param, hf_name) in plan.items():
             w = read_gguf_tensor(g, name)
-            if name.split(".")[-2:-1] == ["attn_q"]:
-                w = unpermute_qk(w, cfg["num_attention_heads"])
-            elif name.split(".")[-2:-1] == ["attn_k"]:
-                w = unpermute_qk(w, cfg["num_key_value_heads"])
-            tensors[hf_tensor_name(g, name)] = w.contiguous()
+            kind = name.split(".")[-2]
+            if arch in ROTATES_PAIRS and kind in heads:
+                w = unpermute_qk(w, heads[kind])
+            tensors[hf_name] = to_hf(names, cfg, param, w).contiguous()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", default_mode())
-        write_json(tmp / "config.json", cfg)
-        write_json(tmp / "generation_config.json", {k: cfg[k] for k in ("bos_token_id", "eos_token_id")
-                                                    if cfg[k] is not None})
+        write_json(tmp / "config.json", hf_cfg)
+        write_json(tmp / "generation_config.json", {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id")
+                                                    if hf_cfg[k] is not None})
         tok.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tok_cfg)
         if out.exists():  # overwrite: the old directory goes only once the new one is complete
@@ -395,19 +356,60 @@ def convert(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False)
     return out
 
 
+# --------------------------------------------------------------------------- command line
+
+USAGE = """\
+python -m mintune.gguf convert MODEL.gguf OUT_DIR [--overwrite]
+       python -m mintune.gguf MODEL.gguf OUT_DIR [--overwrite]      (the same)
+       python -m mintune.gguf export --model DIR [--adapter DIR] --out FILE.gguf [--type f32|f16|q8_0] [--overwrite]"""
+
+DESCRIPTION = """\
+convert: a GGUF file (architectures llama, qwen2, qwen3, gpt2, gptneox; tensors F32, F16, BF16, Q8_0,
+  Q4_0, Q4_1) -> a Hugging Face directory (config.json, model.safetensors, tokenizer files), float32.
+export: a Hugging Face model directory (families llama, mistral, qwen2, qwen3, gpt2, gpt_neox), with a
+  LoRA adapter merged on the way if given, -> one GGUF file for llama.cpp (llama-cli -m FILE.gguf).
+  Nothing in DIR or the adapter is changed."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mintune.gguf", usage=USAGE, description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{convert,export}")
+    c = sub.add_parser("convert", prog="python -m mintune.gguf convert", help="GGUF file -> Hugging Face directory",
+                       description="Convert a GGUF file to a Hugging Face directory (weights in float32).")
+    c.add_argument("gguf", help="the .gguf file")
+    c.add_argument("out", help="the directory to create")
+    c.add_argument("--overwrite", action="store_true", help="replace the directory if it exists")
+    e = sub.add_parser("export", prog="python -m mintune.gguf export", help="Hugging Face directory (+ adapter) -> GGUF file",
+                       description="Export a model to one GGUF file for llama.cpp-style runtimes.")
+    e.add_argument("--model", required=True, help="the Hugging Face model directory")
+    e.add_argument("--adapter", default=None, help="a LoRA adapter directory (peft or mintune layout) to merge")
+    e.add_argument("--out", required=True, help="the .gguf file to write (its directory must exist)")
+    e.add_argument("--type", default="q8_0", choices=["f32", "f16", "q8_0"],
+                   help="f32: exact; f16: half the size; q8_0: 8-bit blocks, about a quarter of f32 (default)")
+    e.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mintune.gguf",
-                                 description="Convert a Llama-architecture GGUF file to a Hugging Face directory.")
-    ap.add_argument("gguf", help="the .gguf file")
-    ap.add_argument("out", help="the directory to create")
-    ap.add_argument("--overwrite", action="store_true", help="replace the directory if it exists")
-    args = ap.parse_args(argv)
-    try:
-        print(convert(args.gguf, args.out, overwrite=args.overwrite))
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("convert", "export") and not argv[0].startswith("-"):
+        argv.insert(0, "convert")  # the older form: python -m mintune.gguf MODEL.gguf OUT_DIR
+    args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return run_command(lambda: print(convert(args.gguf, args.out, overwrite=args.overwrite)))
+    return run_command(lambda: _export(args))
+
+
+def _export(args) -> None:
+    start = time.perf_counter()
+    path = export_dir(args.model, args.out, args.type, args.adapter, args.overwrite)
+    counts: dict[str, int] = {}
+    for t in read_gguf(path).tensors.values():
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    print(f"wrote {path}: {path.stat().st_size / 1e6:.1f} MB, {sum(counts.values())} tensors ({kinds}), "
+          f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

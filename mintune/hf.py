@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import ModelFileError, atomic_write, read_json, write_json
+from .files import ModelFileError, atomic_write, read_json, tensor_bytes, write_json
 from .model import GPT, strip_wrappers
 from .quant import (SCALE_SUFFIX, QuantLinear, choose_int8, int8_config, is_norm, quantize_model,
                     quantize_per_channel, saved_int8)
@@ -124,7 +124,7 @@ ARCHITECTURES = {
 }
 
 
-def _block_module(name: str) -> str | None:
+def block_module(name: str) -> str | None:
     """'layers.3.attn.qkv_proj.weight' -> 'attn.qkv_proj' (None outside the blocks)."""
     m = re.fullmatch(r"layers\.\d+\.(.+)\.(weight|bias)", name)
     return m.group(1) if m else None
@@ -144,7 +144,7 @@ def qkv_rows_to_hf(cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
 
 def to_mintune(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """A stored HF tensor -> mintune's layout (transposed Conv1D, fused qkv as [q; k; v])."""
-    module = _block_module(name)
+    module = block_module(name)
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
@@ -154,7 +154,7 @@ def to_mintune(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> 
 
 def to_hf(names: NameMap, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of `to_mintune`."""
-    module = _block_module(name)
+    module = block_module(name)
     if module in names.conv1d and name.endswith(".weight"):
         return t.t()
     if names.per_head_qkv and module == "attn.qkv_proj":
@@ -270,6 +270,24 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when there is one), checked before any weight is read."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if d.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device {device!r}: mintune runs on cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available to this PyTorch "
+                         "(torch.cuda.is_available() is False); use cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                quantize: str | None = None, group_size: int | None = None) -> GPT:
     """Build the model described by `path/config.json` and fill it from its safetensors weights.
@@ -280,7 +298,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     full-precision model never exists in memory; norms are kept in float32. A checkpoint saved
     quantized by mintune (config.json's quantization_config) loads quantized without re-quantizing.
     """
-    path, dtype, device = Path(path), parse_dtype(dtype), torch.device(device)
+    path, dtype, device = Path(path), parse_dtype(dtype), parse_device(device)
     cfg = ModelConfig.from_dir(path)
     names = NAME_MAPS[cfg.family]
     saved = saved_int8(cfg.hf, path / "config.json")
@@ -347,7 +365,7 @@ def _check_stored(model: GPT, file: Path, key: str, info: dict, name: str, int8:
                              f"{'int8' if int8 else 'a float type'}")
     target = model.get_submodule(_module(name)).scales if name.endswith(".scales") else model.get_parameter(name)
     expected = tuple(target.shape)
-    if _block_module(name) in names.conv1d and name.endswith(".weight"):
+    if block_module(name) in names.conv1d and name.endswith(".weight"):
         expected = expected[::-1]
     if info["shape"] != expected:
         raise ModelFileError(f"{file}: tensor {key!r} has shape {info['shape']}, but config.json "
@@ -451,13 +469,15 @@ def save_pretrained(model: GPT, path: str | Path, max_shard_size: int | str = "5
     written = []
     if len(shards) == 1:
         fname = "model.safetensors"
-        atomic_write(path / fname, lambda p: save_file(shards[0], str(p), metadata={"format": "pt"}))
+        atomic_write(path / fname, lambda p: save_file(shards[0], str(p), metadata={"format": "pt"}),
+                     size=tensor_bytes(shards[0]))
         written.append(fname)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+            atomic_write(path / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}),
+                         size=tensor_bytes(shard))
             weight_map.update({k: fname for k in shard})
             written.append(fname)
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -294,6 +295,7 @@ class GPT(nn.Module):
         self.recompute_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
         self.quantization = None   # {"bits": 8, "group_size": ...} once the block linears are int8 (quant.py)
         self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
+        self.warned_length = False  # a sequence past max_position_embeddings was warned about (rotary)
         self.init_weights()
         self.tie_weights()
         # names of the model's own parameters (a tied head counts once), before any method adds its own
@@ -338,6 +340,21 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids=position_ids, cache=cache,
                                                segment_ids=segment_ids))
 
+    def check_length(self, n: int, what: str = "") -> None:
+        """Learned positions end at max_position_embeddings: a longer sequence is refused. Rotary ones go
+        on, but the model never saw them: warned about once (as transformers warns at tokenization)."""
+        limit = self.cfg.max_position_embeddings
+        if n <= limit:
+            return
+        what = what or f"a sequence of {n} positions"
+        if self.cfg.positions == "learned":
+            raise ValueError(f"{what} is longer than this model's max_position_embeddings = {limit} "
+                             "(config.json): its learned positions end there")
+        if not self.warned_length:
+            self.warned_length = True
+            warnings.warn(f"{what} is longer than this model's max_position_embeddings = {limit} (config.json): "
+                          "it was not trained on sequences this long, expect worse results", stacklevel=3)
+
     def hidden_states(self, input_ids, attention_mask=None, *, position_ids=None, cache=None,
                       segment_ids=None) -> torch.Tensor:
         """The features the head reads: (B, T, embed_dim), after the final norm.
@@ -350,6 +367,8 @@ class GPT(nn.Module):
         n_virtual = self.prompt.n_tokens if self.prompt is not None else 0
         past = cache.length if cache is not None else 0   # cached positions, virtual ones included
         prepend = n_virtual > 0 and past == 0             # the soft prompt enters on a sequence's first forward
+        if position_ids is None:
+            self.check_length(past + T + (n_virtual if prepend else 0))
         mask = self._key_mask(attention_mask, B, T, past, n_virtual, input_ids.device)  # (B, past + T [+ n])
         if n_virtual and position_ids is not None and segment_ids is None:
             raise ValueError("position_ids cannot be given to a model with a soft prompt")

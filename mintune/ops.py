@@ -3,7 +3,7 @@ plain-PyTorch reference.
 
     MINTUNE_KERNELS=auto       (default) the kernel for CUDA tensors whose kernel module declares
                                GPU_VERIFIED = True (its tests/gpu suite passed on a GPU); the reference
-                               for every other tensor, and for kernels not yet verified on a GPU
+                               for every other tensor, and for kernels whose GPU_VERIFIED is False
     MINTUNE_KERNELS=reference  the references everywhere: the audit switch
     MINTUNE_KERNELS=triton     the kernels everywhere (on a CPU only with TRITON_INTERPRET=1, for tests)
 
@@ -16,10 +16,14 @@ The ops are:
 This module is the only one that imports from `mintune.kernels`, and it does so on first use: a kernel
 module imports triton, which `import mintune` does not need. The model never calls an implementation
 directly, so kernels swap in (and out, for audits) without touching `model.py`. The first time an op
-runs, the path it took and why is logged on the "mintune.ops" logger (INFO).
+runs, the path it took and why is logged on the "mintune.ops" logger (INFO), and every call is
+counted in `calls[(op, path)]` (path "kernel" or "reference"); `recorded()` and `path()` tell a test or
+a benchmark which implementation a block of code ran.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -31,6 +35,7 @@ import torch
 MODES = ("auto", "reference", "triton")
 log = logging.getLogger("mintune.ops")
 _said: set[tuple[str, str]] = set()
+calls: collections.Counter = collections.Counter()  # (op, "kernel" | "reference") -> calls since start
 
 
 def _kernel_module(name: str) -> ModuleType:
@@ -40,6 +45,23 @@ def _kernel_module(name: str) -> ModuleType:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def recorded():
+    """Yields a Counter that, after the block, holds the (op, path) calls made inside it."""
+    before = calls.copy()
+    seen: collections.Counter = collections.Counter()
+    try:
+        yield seen
+    finally:
+        seen.update(calls - before)
+
+
+def path(seen: collections.Counter, op: str) -> str:
+    """Which path `op` took in a recorded block: "kernel", "reference", "both" or "not called"."""
+    k, r = seen[(op, "kernel")], seen[(op, "reference")]
+    return "both" if k and r else "kernel" if k else "reference" if r else "not called"
 
 
 def __getattr__(name: str):
@@ -75,12 +97,13 @@ def use_kernel(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported:
     elif not x.is_cuda:
         choice, why = False, f"{x.device.type} tensor (kernels run on CUDA)"
     elif not gpu_verified:
-        choice, why = False, "kernel not yet verified on a GPU (MINTUNE_KERNELS=triton uses it anyway)"
+        choice, why = False, "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
     else:
         choice, why = True, "CUDA tensor"
     if (op, why) not in _said:
         _said.add((op, why))
         log.info("%s: %s (%s)", op, "Triton kernel" if choice else "torch reference", why)
+    calls[(op, "kernel" if choice else "reference")] += 1
     return choice
 
 

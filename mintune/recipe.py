@@ -15,12 +15,13 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .data import DataConfig
+from .files import read_text
 
 
 @dataclass
@@ -71,7 +72,7 @@ class TrainSection:
     eval_batch_size: int = 16      # rows per evaluation batch
     exact_match_limit: int = 64    # instruction tasks: validation rows answered by generation (0: none)
     save_every: int = 0            # steps between resumable checkpoints (0: none)
-    keep_last: int = 2             # checkpoints kept
+    keep_last: int = 2             # checkpoints kept (0: all)
     log_every: int = 10            # steps between lines in metrics.jsonl
     early_stopping_metric: str = ""  # e.g. "sentiment/accuracy" or "quotes/loss" ("": no early stopping)
     patience: int = 3              # evaluations without improvement before stopping
@@ -107,11 +108,30 @@ DEMO = {
 
 METHOD_NAMES = ("full", "partial", "lora", "prompt_tuning", "prefix_tuning", "adapters", "head", "feature")
 CHOICES = {  # the fields that take one of a few words
-    ("train", "schedule"): ("cosine", "linear", "constant"),
-    ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "nan_policy"): ("stop", "skip"),
-    ("method", "name"): METHOD_NAMES,
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantize": ("", "int8"),
+    "method.name": METHOD_NAMES,
+    "method.where": ("attn", "mlp", "both"),
+    "method.pooling": ("last", "mean"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.nan_policy": ("stop", "skip"),
 }
+RANGES = {  # the numbers with limits: ">= 0", "> 0", or an interval ("(0, 1)" leaves out both ends)
+    "model.group_size": ">= 0",
+    "method.r": ">= 1", "method.alpha": "> 0", "method.dropout": "[0, 1)", "method.n_tokens": ">= 1",
+    "method.encoder_hidden": ">= 0", "method.bottleneck": ">= 1", "method.last_n_blocks": ">= 0",
+    "method.l2": ">= 0",
+    "data.validation_fraction": "(0, 1)", "data.weight": "> 0", "data.seed": ">= 0",
+    "train.batch_size": ">= 1", "train.grad_accum": ">= 1", "train.max_steps": ">= 0", "train.lr": ">= 0",
+    "train.weight_decay": ">= 0", "train.warmup_steps": ">= 0", "train.min_lr_ratio": "[0, 1]",
+    "train.max_grad_norm": ">= 0", "train.gradient_checkpointing": ">= 0", "train.eval_every": ">= 0",
+    "train.eval_batch_size": ">= 1", "train.exact_match_limit": ">= 0", "train.save_every": ">= 0",
+    "train.keep_last": ">= 0", "train.log_every": ">= 0", "train.patience": ">= 1",
+    "train.seed": "[0, 4294967295]", "train.samples": ">= 0",
+}
+LIST_ITEMS = {"method.targets": str, "method.names": str, "data.labels": (str, int)}  # what a list may hold
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def sections() -> dict[str, type]:
@@ -135,15 +155,15 @@ def suggest(word: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(section: str, key: str, value, default):
-    """Check a value against the type of the field's default (ints are fine for floats)."""
-    where = f"{section}.{key}"
+def _typed(where: str, value, default):
+    """`value` checked against the type of the field's default (ints are fine for floats; a string is
+    a list of one); returns it converted, or raises naming `where` ("train.lr", "data.mix[1].weight")."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -157,6 +177,16 @@ def _coerce(section: str, key: str, value, default):
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, got {value!r}")
     return value
+
+
+def _in_range(value, rule: str) -> bool:
+    if rule.startswith(">"):
+        op, bound = rule.split()
+        return value >= float(bound) if op == ">=" else value > float(bound)
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
 
 
 def build_config(tables: dict, source: str = "config") -> Config:
@@ -174,21 +204,67 @@ def build_config(tables: dict, source: str = "config") -> Config:
         for key, value in values.items():
             if key not in names:
                 raise ValueError(f"{source}: unknown key {section}.{key}{suggest(key, names)}")
-            setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+            setattr(obj, key, _typed(f"{section}.{key}", value, getattr(obj, key)))
     check(cfg)
     return cfg
 
 
 def check(cfg: Config) -> None:
-    """The settings a run needs that a type alone does not say, each refused with its key."""
-    for (section, key), allowed in CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ValueError(f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}"
-                             f"{suggest(value, allowed)}")
+    """Every value of the recipe, each refused with its key: its type, its choices or range, then the
+    settings that only the whole recipe can judge. Nothing is loaded before this passes."""
+    for where, rule, value, default in _fields(cfg):
+        value = _typed(where, value, default)
+        if rule in CHOICES and value not in CHOICES[rule]:
+            raise ValueError(f"{where} must be one of {', '.join(map(repr, CHOICES[rule]))}, got {value!r}"
+                             f"{suggest(str(value), CHOICES[rule])}")
+        if rule in RANGES and not _in_range(value, RANGES[rule]):
+            limit = RANGES[rule] if RANGES[rule].startswith(">") else f"in {RANGES[rule]}"
+            raise ValueError(f"{where} must be {limit}, got {value!r}")
+        kind = LIST_ITEMS.get(rule)
+        if kind and any(isinstance(x, bool) or not isinstance(x, kind) for x in value):
+            raise ValueError(f"{where}: expected a list of names, got {value!r}")
+    if not DEVICE.fullmatch(cfg.model.device):
+        raise ValueError(f"model.device must be cpu, cuda, cuda:N or auto, got {cfg.model.device!r}")
+    _check_together(cfg)
+
+
+def _fields(cfg: Config):
+    """(where, rule key, value, default) of every field of the recipe, the data.mix entries' too
+    ("data.mix[1].weight" follows the rules of "data.weight"; unknown keys are DataConfig.tasks()' to name)."""
+    for section, cls in sections().items():
+        obj, fresh = getattr(cfg, section), cls()
+        for f in dataclasses.fields(obj):
+            yield f"{section}.{f.name}", f"{section}.{f.name}", getattr(obj, f.name), getattr(fresh, f.name)
+    defaults = DataConfig()
+    for i, entry in enumerate(cfg.data.mix if isinstance(cfg.data.mix, list) else []):
+        if not isinstance(entry, dict):
+            raise ValueError(f"data.mix[{i}]: expected a table of [data] fields, got {entry!r}")
+        for key, value in entry.items():
+            if key != "mix" and hasattr(defaults, key):
+                yield f"data.mix[{i}].{key}", f"data.{key}", value, getattr(defaults, key)
+
+
+def _check_together(cfg: Config) -> None:
+    """The rules that join several fields."""
     t = cfg.train
-    if t.batch_size < 1 or t.grad_accum < 1 or t.max_steps < 0:
-        raise ValueError("train.batch_size and train.grad_accum must be >= 1, train.max_steps >= 0")
+    if not t.output_dir.strip():
+        raise ValueError("train.output_dir is empty: name the directory the run writes to")
+    if not cfg.model.path.strip():
+        raise ValueError("model.path is empty: name a Hugging Face model directory (or \"smollm2\")")
+    if t.early_stopping_metric and not t.eval_every:
+        raise ValueError(f"train.early_stopping_metric = {t.early_stopping_metric!r} needs evaluations during "
+                         "training: set train.eval_every > 0")
+    if cfg.model.dtype == "float16" and cfg.method.name in ("full", "partial"):
+        raise ValueError(f"model.dtype = \"float16\" cannot be trained with method.name = {cfg.method.name!r}: "
+                         "AdamW's float16 state turns the weights non-finite at any learning rate (its epsilon, "
+                         "1e-8, is 0 in float16); set model.dtype = \"float32\" or \"bfloat16\" "
+                         "(train.precision = \"fp16\" still computes in float16)")
+    cfg.data.tasks()  # every task of data.mix resolves, with its kind, classifier and truncation
+
+
+def field_names() -> list[str]:
+    """Every "section.key" of the recipe."""
+    return [f"{section}.{f.name}" for section, cls in sections().items() for f in dataclasses.fields(cls)]
 
 
 def _parse_value(text: str):
@@ -202,7 +278,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """The built-in demo (no path) or a TOML file, then --section.key=value overrides."""
     if path:
         try:
-            tables = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            tables = tomllib.loads(read_text(path))
         except FileNotFoundError:
             raise ValueError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as e:
@@ -213,7 +289,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         m = re.fullmatch(r"--(\w+)\.(\w+)=(.*)", item, flags=re.S)
         if not m:
             raise ValueError(f"override {item!r}: expected --section.key=value")
-        tables.setdefault(m.group(1), {})[m.group(2)] = _parse_value(m.group(3))
+        section = tables.setdefault(m.group(1), {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {m.group(1)} must be a [{m.group(1)}] table, got {section!r}")
+        section[m.group(2)] = _parse_value(m.group(3))
     return build_config(tables, path or "the built-in demo")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_text
+from .files import disk_full_named, read_text, write_text
 
 SHOWN = ("accuracy", "macro_f1", "loss", "exact_match", "perplexity")  # metrics in one-line summaries
 
@@ -30,17 +30,26 @@ class MetricsLog:
         self.path.unlink(missing_ok=True)
         self.rows = []
 
-    def resume(self, step: int) -> None:
-        """A resumed run: keep the rows up to `step` (those after it belong to the lost part of the run)."""
-        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        write_text(self.path, "".join(line + "\n" for line in kept))
-        self.rows = [json.loads(line) for line in kept]
+    def resume(self, step: int, log=print) -> None:
+        """A resumed run: keep the rows up to `step` (those after it belong to the lost part of the run).
+        A line that is not a whole row (the last one, torn by a kill) is dropped with a warning."""
+        lines = read_text(self.path).splitlines() if self.path.exists() else []
+        kept = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+                if row["step"] <= step:
+                    kept.append(row)
+            except (ValueError, KeyError, TypeError):
+                log(f"warning: {self.path} line {n} is not a whole row (a write cut short?); dropped: {line[:80]!r}")
+        write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.rows = kept
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        with disk_full_named(self.path, len(line)), open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
 
 
 def scalars(metrics: dict) -> dict:

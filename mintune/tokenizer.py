@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from .files import read_json, write_text
+from .files import read_json, read_text, write_text
 
 # The special-token names transformers knows; their values also become chat-template variables.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -118,6 +119,13 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def check_fits(self, vocab_size: int, model: str | Path) -> None:
+        """Every id this tokenizer can produce has a row in a model of `vocab_size` (a model may have more)."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer of {self.path} has {self.vocab_size} tokens, but the model ({model}) "
+                             f"has vocab_size = {vocab_size}: ids from {vocab_size} on have no embedding; use "
+                             "the tokenizer that belongs to the model")
 
     # ---- encode / decode -------------------------------------------------------------------------------------
 
@@ -238,6 +246,10 @@ class Tokenizer:
                 raise TypeError(f"message {i} should be a dict with 'role' and 'content', got {type(message).__name__}")
         # Keys set to None are dropped, as transformers does: templates test `'key' in message`, not for None.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("content", ""), str):
+                raise ValueError(f"message {i}: 'content' should be a string, got "
+                                f"{type(message['content']).__name__}")
         template = self._select_template(chat_template, bool(extra_template_vars.get("tools")))
         variables = {**self.special_tokens, "tools": None, "documents": None, **extra_template_vars,
                      "messages": messages, "add_generation_prompt": add_generation_prompt}
@@ -248,6 +260,7 @@ class Tokenizer:
                                     f"(template line {e.lineno})") from e
         except jinja2.TemplateError as e:  # raise_exception(...) in the template lands here
             raise ChatTemplateError(f"chat template of {self.path} raised: {e}") from e
+        _check_roles(messages, template, self.path)
         # The template writes the special tokens itself, so none are added on top (as transformers does).
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
@@ -273,6 +286,21 @@ class Tokenizer:
         # Template files from an earlier save would win over the config on load (in transformers too): remove them.
         for stale in [directory / "chat_template.jinja", *(directory / "additional_chat_templates").glob("*.jinja")]:
             stale.unlink(missing_ok=True)
+
+
+# Roles every chat template is written for; others count as known when the template compares with them.
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_roles(messages: list[dict[str, Any]], template: str, path) -> None:
+    """A role the template neither tests for nor is standard renders as text the model never saw (a
+    template that raises on unknown roles has already said so)."""
+    known = set(STANDARD_ROLES) | set(re.findall(r"==\s*['\"]([\w-]+)['\"]", template))
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if not isinstance(role, str) or role not in known:
+            raise ChatTemplateError(f"message {i}: role {role!r} is not one the chat template of {path} knows "
+                                    f"({', '.join(sorted(known))})")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -412,7 +440,7 @@ def _load_vocab_merges(folder: Path, add_prefix_space: bool) -> Backend:
     """A GPT-2 style byte-level BPE from vocab.json + merges.txt, built as transformers' GPT2Tokenizer builds it."""
     vocab = _read_json_object(folder / "vocab.json")
     merges: list[tuple[str, str]] = []
-    for n, line in enumerate((folder / "merges.txt").read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(folder / "merges.txt").splitlines(), start=1):
         if line.startswith("#version") or not line.strip():
             continue
         pair = line.split(" ")
@@ -439,9 +467,9 @@ def _load_chat_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]
     # Template files (transformers 5 writes them) replace whatever tokenizer_config.json holds.
     templates: dict[str, str] = {}
     if (folder / "chat_template.jinja").is_file():
-        templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        templates["default"] = read_text(folder / "chat_template.jinja")
     for file in sorted((folder / "additional_chat_templates").glob("*.jinja")):
-        templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+        templates[file.name.removesuffix(".jinja")] = read_text(file)
     if templates:
         return templates
     value = config.get("chat_template")

@@ -1,13 +1,18 @@
 """The training loop, and `python -m mintune.train`.
 
     python -m mintune.train                          # the built-in demo: SmolLM2-135M + LoRA on sentiment
-    python -m mintune.train CONFIG.toml [--section.key=value ...] [--resume] [--dry-run]
+    python -m mintune.train CONFIG.toml [--section.key=value ...] [--dry-run]
+    python -m mintune.train CONFIG.toml --resume     # continue the run in train.output_dir
+    python -m mintune.train CONFIG.toml --resume --allow-change=train.lr,train.max_steps   # with new values
+    python -m mintune.train CONFIG.toml --overwrite  # replace the run in train.output_dir
     python -m mintune.train -h                       # every field, with its default and meaning
 
 A run, as `train()` reads:
 
-    run = prepare(cfg)                  model, tokenizer, data, method, optimizer (recipe.py: the config)
-    begin(run, resume)                  evaluate before training, or restore the last checkpoint
+    claim the output directory          locked; a run there is refused without --resume / --overwrite (rundir.py)
+    run = prepare(cfg)                  model, tokenizer, data, method, optimizer (recipe.py: the config);
+                                        with --resume, first the same recipe, model and data as the run's
+    begin(run, resume)                  evaluate before training, or restore the last whole checkpoint
     for step in range(start, max_steps):
         optimizer_step(run, step)       grad_accum micro-batches, loss / predictions in the whole step,
                                         backward; unscale (fp16), clip, AdamW, lr from the schedule
@@ -16,11 +21,11 @@ A run, as `train()` reads:
 
 The batches of one step are drawn first, so the loss is normalised by all their predictions:
 8 x 1 and 2 x 4 give the same update. Every `save_every` steps a checkpoint (trainable weights,
-optimizer, loss scaler, RNGs, data position) lets `--resume` continue bit for bit.
+optimizer, loss scaler, RNGs, data position) lets `--resume` continue bit for bit. Weights that are not
+finite are never saved; docs/files-and-safety.md says what a run promises about the files it touches.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
@@ -33,16 +38,17 @@ import numpy as np
 import torch
 
 from .adapter_files import save_adapter
-from .cli import run_command
+from .cli import Interrupted, run_command
 from .data import DataError, Mixer, collate, dry_run, load_task, resolve
-from .evaluate import evaluate_tasks, read_texts
+from .evaluate import check_texts, evaluate_tasks, metric_names, read_texts
 from .fetch import model_dir
 from .files import write_json
 from .heads import add_classification_head, fit_classification_head
-from .hf import load_model, save_pretrained
+from .hf import load_model, parse_device, save_pretrained
 from .loss import batch_loss, count_predictions
 from .methods import apply_method, check_gradient_flow, print_trainable_parameters
-from .recipe import Config, TrainSection, check, help_text, load_config
+from .recipe import Config, TrainSection, check, help_text, load_config, suggest
+from .rundir import RunDir, run_record
 from .report import MetricsLog, brief, format_summary, peak_memory_mib, plot_metrics, sample_answers, scalars
 from .tokenizer import load_tokenizer
 from .trainstate import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -56,7 +62,7 @@ class TrainingError(RuntimeError):
 class Run:
     """What one training run holds, from `prepare` to `finish`."""
     cfg: Config
-    out: Path                      # the output directory
+    rundir: RunDir                 # the output directory, locked while the run lasts
     device: torch.device
     model_dir: Path
     model: torch.nn.Module
@@ -70,73 +76,107 @@ class Run:
     summary: dict
     steps: int                     # optimizer steps this run takes in all
     start: int = 0                 # the first step still to take (after a resume)
+    changes: dict = field(default_factory=dict)  # settings changed on --resume: {key: [before, now]}
     # what the loop carries from step to step, saved in every checkpoint
     state: dict = field(default_factory=lambda: {"best": None, "bad_evals": 0, "skipped_steps": 0,
                                                  "tokens": 0, "train_seconds": 0.0})
     log: object = print
 
+    @property
+    def out(self) -> Path:
+        return self.rundir.path
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=print) -> dict:
-    """Run the whole recipe; returns the summary (also written to OUTPUT_DIR/summary.json)."""
-    run = prepare(cfg, log)
-    begin(run, resume)
-    if cfg.method.name == "feature":
-        fit_feature_head(run)
-    elif run.start < run.steps:
-        preflight(run)
-    completed, stop_reason = run.start, "max_steps"
-    clock = TrainClock(run.state["train_seconds"])
-    progress = _progress(run.start, run.steps, show_progress)
-    run.model.train()
-    for step in range(run.start, run.steps):
-        stats = optimizer_step(run, step)
-        completed = step + 1
-        progress.update(1)
-        if stats is None:  # skipped: a non-finite loss under nan_policy = "skip"
-            continue
-        run.state["train_seconds"] = clock.seconds()
-        stats["tokens_per_s"] = run.state["tokens"] / max(run.state["train_seconds"], 1e-9)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
-                             tok_s=f"{stats['tokens_per_s']:.0f}", mem=f"{peak_memory_mib(run.device):.0f}MiB")
-        with clock.paused():  # evaluation and saving do not count as training time
-            stop = after_step(run, completed, stats)
-        if stop:
-            stop_reason = stop
-            break
-    progress.close()
-    return finish(run, completed, stop_reason)
+
+def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=print, *,
+          overwrite: bool = False, allow_changes=()) -> dict:
+    """Run the whole recipe; returns the summary (also written to OUTPUT_DIR/summary.json).
+    resume: continue the run in OUTPUT_DIR from its last checkpoint (`allow_changes`: the training
+    settings, e.g. "train.lr", that may differ from the run's); overwrite: replace the run there."""
+    check(cfg)
+    with RunDir(Path(cfg.train.output_dir), resume, overwrite, allow_changes, log).claimed() as rundir:
+        run = prepare(cfg, rundir, log)
+        begin(run, resume)
+        if cfg.method.name == "feature":
+            fit_feature_head(run)
+        elif run.start < run.steps:
+            preflight(run)
+        completed, stop_reason = run.start, "max_steps"
+        clock = TrainClock(run.state["train_seconds"])
+        run.model.train()
+        with _progress(run.start, run.steps, show_progress) as progress:  # closed on any exit, Ctrl-C too
+            for step in range(run.start, run.steps):
+                stats = optimizer_step(run, step)
+                completed = step + 1
+                progress.update(1)
+                if stats is None:  # skipped: a non-finite loss or gradient under nan_policy = "skip"
+                    continue
+                run.state["train_seconds"] = clock.seconds()
+                stats["tokens_per_s"] = run.state["tokens"] / max(run.state["train_seconds"], 1e-9)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                                     tok_s=f"{stats['tokens_per_s']:.0f}",
+                                     mem=f"{peak_memory_mib(run.device):.0f}MiB")
+                with clock.paused():  # evaluation and saving do not count as training time
+                    stop = after_step(run, completed, stats)
+                if stop:
+                    stop_reason = stop
+                    break
+        return finish(run, completed, stop_reason)
 
 
 # --------------------------------------------------------------------------- the steps of a run
 
-def prepare(cfg: Config, log=print) -> Run:
-    """Seed everything, read the data, load the model, apply the method, build the optimizer."""
-    check(cfg)
+def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
+    """Seed everything, read the data, load the model, apply the method, build the optimizer. With
+    --resume, first check that the recipe and its inputs are the run's (rundir.py)."""
     t = cfg.train
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    device = _device(cfg.model.device)
+    device = parse_device(cfg.model.device)
     where = model_dir(cfg.model.path)
+    record = run_record(cfg, where)
+    changes = rundir.check_resume(record) if rundir.resume else {}
     tok = load_tokenizer(where)
     tasks = [load_task(task_cfg, tok) for task_cfg in cfg.data.tasks()]
     for task in tasks:
         for note in task.notes:
             log(f"data: {note}")
+    _check_early_stopping(cfg, tasks)
     retention = read_texts(resolve(t.retention)) if t.retention else []
+    if retention:
+        check_texts([tok.encode(x) for x in retention], f"train.retention = {t.retention!r}: ")
     model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
                        group_size=cfg.model.group_size or None)
+    tok.check_fits(model.cfg.vocab_size, where / "config.json")
     apply_recipe_method(model, cfg, tok, tasks)
+    _check_lengths(model, tasks)
     model.recompute_every = t.gradient_checkpointing
     trainable_line = print_trainable_parameters(model)
-    write_json(out / "train_config.json", dataclasses.asdict(cfg))
+    rundir.start(record)
     steps = t.max_steps if cfg.method.name != "feature" else 0  # feature-based transfer takes no steps
     optimizer, scaler = _optimizer(model, t, device) if steps else (None, None)
     summary = {"trainable": trainable_line, "model": str(where), "method": cfg.method.name}
-    return Run(cfg, out, device, where, model, tok, tasks, retention, Mixer(tasks, t.seed), optimizer, scaler,
-               MetricsLog(out / "metrics.jsonl"), summary, steps, log=log)
+    return Run(cfg, rundir, device, where, model, tok, tasks, retention, Mixer(tasks, t.seed), optimizer, scaler,
+               MetricsLog(rundir.path / "metrics.jsonl"), summary, steps, changes=changes, log=log)
+
+
+def _check_early_stopping(cfg: Config, tasks) -> None:
+    """The early-stopping metric is one that evaluation measures (known before any training)."""
+    name = cfg.train.early_stopping_metric
+    measured = metric_names(tasks, cfg.train.exact_match_limit, retention=bool(cfg.train.retention))
+    if name and name not in measured:
+        raise TrainingError(f"train.early_stopping_metric {name!r} is not measured; choose one of "
+                            f"{', '.join(measured)}{suggest(name, measured)}")
+
+
+def _check_lengths(model, tasks) -> None:
+    """The longest example fits the model's positions (learned ones: refused; rotary: a warning)."""
+    virtual = model.prompt.n_tokens if model.prompt is not None else 0
+    for task in tasks:
+        longest = max(len(e.input_ids) for split in (task.train, task.validation, task.test) for e in split)
+        model.check_length(longest + virtual, f"the longest {task.cfg.name} example ({longest} tokens"
+                           + (f" + {virtual} virtual ones" if virtual else "")
+                           + f"; data.max_length = {task.cfg.max_length})")
 
 
 def apply_recipe_method(model, cfg: Config, tok, tasks) -> None:
@@ -165,17 +205,24 @@ def apply_recipe_method(model, cfg: Config, tok, tasks) -> None:
 
 
 def begin(run: Run, resume: bool) -> None:
-    """A new run: evaluate before training. With `resume`: restore the last checkpoint instead."""
-    checkpoints = run.out / "checkpoints"
-    ckpt = latest_checkpoint(checkpoints) if resume else None
-    if resume and ckpt is None:
-        raise TrainingError(f"--resume: no checkpoint in {checkpoints} (set train.save_every to write some)")
-    if ckpt is not None:
+    """A new run: evaluate before training. With `resume`: restore the last whole checkpoint instead
+    (newer damaged ones are set aside with a warning), and record the settings that changed."""
+    if resume:
+        checkpoints = run.out / "checkpoints"
+        ckpt = latest_checkpoint(checkpoints, set_aside_damaged=True, log=run.log)
+        if ckpt is None:
+            damaged = sorted(p.name for p in checkpoints.glob("damaged-*"))
+            raise TrainingError(f"--resume: no usable checkpoint in {checkpoints}"
+                                + (f" (damaged ones set aside: {', '.join(damaged)})" if damaged else
+                                   " (set train.save_every to write some)"))
         saved = load_checkpoint(ckpt, run.model, run.optimizer, run.scaler)
         run.mixer.load_state_dict(saved["data"])
         run.start, run.state = saved["step"], saved["loop"]
         run.summary.update(saved.get("summary", {}))
-        run.metrics.resume(run.start)
+        run.metrics.resume(run.start, run.log)
+        if run.changes:
+            run.summary.setdefault("resumed_with_changes", []).append({"step": run.start, "changed": run.changes})
+            run.metrics.record({"kind": "resume", "step": run.start, "changed": run.changes})
         run.log(f"resumed from {ckpt} at step {run.start}")
         return
     run.metrics.start()
@@ -212,8 +259,7 @@ def optimizer_step(run: Run, step: int) -> dict | None:
         loss = loss_sum / max(total, 1)
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
-            _non_finite(run, step + 1, loss.item())
-            return None
+            return _non_finite(run, step, f"the loss is not finite ({loss.item()})")
         scaler.scale(loss).backward()
         step_loss += loss.item()
         run.state["tokens"] += int(b["attention_mask"].sum())
@@ -221,6 +267,9 @@ def optimizer_step(run: Run, step: int) -> dict | None:
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for g in optimizer.param_groups for p in g["params"]],
         t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's loss scaler skips such steps itself
+        optimizer.zero_grad(set_to_none=True)
+        return _non_finite(run, step, f"the gradient norm is not finite ({grad_norm})")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -239,6 +288,7 @@ def after_step(run: Run, completed: int, stats: dict) -> str | None:
         if t.early_stopping_metric and _no_improvement(run, metrics):
             return f"early stopping: {t.early_stopping_metric} did not improve for {t.patience} evaluations"
     if t.save_every and completed % t.save_every == 0:
+        _require_finite(run, f"the checkpoint of step {completed}")
         save_checkpoint(run.out / "checkpoints", completed, run.model, run.optimizer, run.scaler,
                         {"data": run.mixer.state_dict(), "loop": run.state, "summary": run.summary}, t.keep_last)
     return None
@@ -256,6 +306,7 @@ def finish(run: Run, completed: int, stop_reason: str) -> dict:
              peak_memory_mib=round(peak_memory_mib(run.device), 1))
     if any(task.test for task in run.tasks):
         s["test_after"] = scalars(evaluate(run, "test"))
+    _require_finite(run, "the trained weights")
     if run.cfg.method.name == "full":
         save_pretrained(model, out / "model")
         run.tok.save(out / "model")
@@ -266,6 +317,7 @@ def finish(run: Run, completed: int, stop_reason: str) -> dict:
     if plot_metrics(run.metrics.rows, out / "metrics.png"):
         s["plot"] = str(out / "metrics.png")
     write_json(out / "summary.json", s)
+    run.rundir.finished()
     return s
 
 
@@ -314,27 +366,69 @@ def _optimizer(model, t: TrainSection, device: torch.device):
     return optimizer, torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
 
 
-def _non_finite(run: Run, step: int, loss: float) -> None:
-    """A step whose loss is not finite: stop with advice, or count it (nan_policy = "skip")."""
-    if run.cfg.train.nan_policy == "stop":
-        raise TrainingError(f"step {step}: the loss is not finite ({loss}); lower train.lr, use precision = "
-                            "\"bf16\" instead of \"fp16\", or set train.nan_policy = \"skip\"")
-    run.state["skipped_steps"] += 1
-    run.log(f"step {step}: non-finite loss, step skipped ({run.state['skipped_steps']} so far)")
+def _non_finite(run: Run, step: int, what: str) -> None:
+    """Optimizer step `step` (0-based) met a non-finite loss or gradient: stop, naming the cause and what
+    to do, or (nan_policy = "skip") skip the step, as long as the weights themselves are still finite."""
+    bad = first_non_finite(run.model)
+    if bad is None and run.cfg.train.nan_policy == "skip":
+        run.state["skipped_steps"] += 1
+        run.log(f"step {step + 1}: {what}; step skipped ({run.state['skipped_steps']} so far)")
+        return None
+    raise TrainingError(f"step {step + 1}: {what}; {_non_finite_cause(run, step, bad)}. "
+                        f"{last_checkpoint_note(run.out)}")
+
+
+def _non_finite_cause(run: Run, step: int, bad: str | None) -> str:
+    """Why the numbers went non-finite, and what to change (the advice follows the cause)."""
+    m, t = run.cfg.model, run.cfg.train
+    half = f"model.dtype = {m.dtype!r}, train.precision = {t.precision!r}"
+    use_wider = "use model.dtype = \"bfloat16\" or \"float32\" and train.precision = \"bf16\" or \"fp32\""
+    if bad is not None and not run.model.get_parameter(bad).requires_grad:
+        return f"the frozen weight {bad} is not finite as loaded ({half}): {use_wider}, or check the model's files"
+    if bad is not None:
+        return f"training made the weights non-finite (first: {bad}): lower train.lr or set train.max_grad_norm > 0"
+    if step == 0:  # before any update: the learning rate is not the cause
+        if m.dtype == "float16" or t.precision == "fp16":
+            return f"the model overflows in float16 before any update ({half}): {use_wider}"
+        return "the model computes non-finite values before any update: check its config.json, weights and data"
+    if t.precision == "fp16":
+        return f"the activations overflow in float16 ({half}): use train.precision = \"bf16\" or \"fp32\""
+    return "lower train.lr, set train.max_grad_norm > 0, or set train.nan_policy = \"skip\" to skip such steps"
+
+
+def first_non_finite(model) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity (None when all are finite)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return name
+    return None
+
+
+def _require_finite(run: Run, what: str) -> None:
+    """Nothing non-finite is ever saved as if it were a result."""
+    bad = first_non_finite(run.model)
+    if bad is not None:
+        raise TrainingError(f"{what} would hold non-finite weights (first: {bad}); not saved. "
+                            f"{last_checkpoint_note(run.out)}")
+
+
+def last_checkpoint_note(out: Path) -> str:
+    """Where the run can continue from: its last whole checkpoint, or that it has none."""
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        return "No checkpoint was written (train.save_every = 0, or not reached yet): nothing to resume."
+    return f"The last complete checkpoint is {ckpt}: run the same command with --resume to continue from it."
 
 
 def _no_improvement(run: Run, metrics: dict) -> bool:
     """Early stopping bookkeeping; saves the best adapter so far to OUTPUT_DIR/best. True: stop now."""
     t, state, model = run.cfg.train, run.state, run.model
-    name = t.early_stopping_metric
-    if name not in metrics:
-        raise TrainingError(f"train.early_stopping_metric {name!r} is not measured; choose one of "
-                            f"{', '.join(k for k in scalars(metrics))}")
-    lower = name.endswith(("loss", "perplexity"))
-    value, best = metrics[name], state["best"]
+    lower = t.early_stopping_metric.endswith(("loss", "perplexity"))
+    value, best = metrics[t.early_stopping_metric], state["best"]
     if best is None or (value < best if lower else value > best):
         state["best"], state["bad_evals"] = value, 0
         if model.methods and "full" not in model.methods:
+            _require_finite(run, f"the best adapter so far ({run.out / 'best'})")
             save_adapter(model, run.out / "best")
         return False
     state["bad_evals"] += 1
@@ -363,12 +457,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
@@ -376,9 +464,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 class _NoBar:
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
     def update(self, n): pass
     def set_postfix(self, **kw): pass
-    def close(self): pass
 
 
 def _progress(start: int, total: int, show: bool):
@@ -391,30 +480,38 @@ def _progress(start: int, total: int, show: bool):
 
 # --------------------------------------------------------------------------- command line
 
+FLAGS = ("--resume", "--overwrite", "--dry-run")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(__doc__))
         return 0
-    resume, dry = "--resume" in argv, "--dry-run" in argv
-    rest = [a for a in argv if a not in ("--resume", "--dry-run")]
+    flags = {a for a in argv if a in FLAGS}
+    allowed = [k for a in argv if a.startswith("--allow-change=") for k in a.split("=", 1)[1].split(",") if k]
+    rest = [a for a in argv if a not in FLAGS and not a.startswith("--allow-change=")]
     paths = [a for a in rest if not a.startswith("--")]
     if len(paths) > 1:
         print(f"error: one config file at most, got {paths}", file=sys.stderr)
         return 2
     overrides = [a for a in rest if a.startswith("--")]
-    return run_command(lambda: _train_command(paths[0] if paths else None, overrides, resume, dry),
+    return run_command(lambda: _train_command(paths[0] if paths else None, overrides, flags, allowed),
                        also=(TrainingError, DataError))
 
 
-def _train_command(path: str | None, overrides: list[str], resume: bool, dry: bool) -> None:
+def _train_command(path: str | None, overrides: list[str], flags: set[str], allowed: list[str]) -> None:
     cfg = load_config(path, overrides)
-    if dry:
+    if "--dry-run" in flags:
         tok = load_tokenizer(model_dir(cfg.model.path))
         tasks = [load_task(c, tok) for c in cfg.data.tasks()]
         print(dry_run(tasks, tok, tok.pad_id))
         return
-    print(format_summary(train(cfg, resume=resume)))
+    try:
+        summary = train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags, allow_changes=allowed)
+    except KeyboardInterrupt:
+        raise Interrupted(last_checkpoint_note(Path(cfg.train.output_dir))) from None
+    print(format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
         rng.safetensors         the torch CPU (and CUDA) random generator states
         state.json              step, data position, loss scaler, early stopping, Python's RNG
 
-A checkpoint is written into a temporary directory and renamed into place, so a kill at any moment
-leaves the previous checkpoints whole; only the last `keep` are kept. No pickle anywhere.
+A checkpoint is written into a temporary directory, flushed to disk and renamed into place, so a kill
+or a full disk at any moment leaves the previous checkpoints whole; only the last `keep` are kept.
+`latest_checkpoint` skips (and can set aside) a damaged one: a torn state.json, a truncated tensor file.
+No pickle anywhere.
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import default_mode, read_json, write_json
+from .files import default_mode, disk_full_named, read_json, tensor_bytes, write_json
+from .hf import read_safetensors_header
 from .model import strip_wrappers
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {strip_wrappers(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+STATE_KEYS = ("step", "data", "loop", "python_rng", "numpy_rng")   # what state.json must hold
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scaler, state: dict, keep: int = 2) -> Path:
@@ -35,24 +42,24 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scaler, state: dict
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:08d}.tmp-"))
     try:
         params = _trainable(model)
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         by_id = {id(p): n for n, p in params.items()}
-        moments = {}
-        for p, st in optimizer.state.items():
-            for key, value in st.items():
-                moments[f"{by_id[id(p)]}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        save_file(moments, str(tmp / "optimizer.safetensors"))
+        moments = {f"{by_id[id(p)]}::{key}": torch.as_tensor(value).detach().cpu().contiguous()
+                   for p, st in optimizer.state.items() for key, value in st.items()}
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / "rng.safetensors"))
+        tensors = {"trainable.safetensors": {n: p.detach().cpu().contiguous() for n, p in params.items()},
+                   "optimizer.safetensors": moments, "rng.safetensors": rng}
+        for name, content in tensors.items():
+            with disk_full_named(final / name, tensor_bytes(content)):
+                save_file(content, str(tmp / name))
         version, internal, gauss = random.getstate()
         np_state = np.random.get_state()
         full = dict(state, step=step, scaler=scaler.state_dict() if scaler.is_enabled() else None,
                     python_rng=[version, list(internal), gauss],
                     numpy_rng=[np_state[0], np_state[1].tolist(), *np_state[2:]])
         write_json(tmp / "state.json", full)
-        os.chmod(tmp, default_mode(directory=True))
+        _flush(tmp)
         if final.exists():  # the same step saved again (a resumed run): replace it only once complete
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -64,10 +71,44 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scaler, state: dict
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
+def _flush(folder: Path) -> None:
+    """Every file of `folder` on disk before the folder is renamed into place (so a power cut cannot
+    leave a renamed checkpoint with empty files), and the folder made readable like any other."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.chmod(folder, default_mode(directory=True))
+
+
+def check_checkpoint(path: Path) -> str:
+    """What is wrong with a checkpoint's files ('' when nothing): a torn or incomplete state.json, a
+    missing or truncated tensor file."""
+    try:
+        state = read_json(path / "state.json")
+        if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+            return f"{path / 'state.json'} lacks some of {', '.join(STATE_KEYS)}"
+        if f"step-{state['step']:08d}" != path.name:
+            return f"{path / 'state.json'} says step {state['step']}"
+        for name in TENSOR_FILES:
+            read_safetensors_header(path / name)
+    except (OSError, ValueError, TypeError) as e:
+        return str(e)
+    return ""
+
+
+def latest_checkpoint(root: Path, set_aside_damaged: bool = False, log=print) -> Path | None:
+    """The newest checkpoint whose files are whole. With set_aside_damaged, newer damaged ones are
+    renamed damaged-step-N (kept for a look, out of the way of new checkpoints) with a warning."""
+    for path in sorted(root.glob("step-*"), reverse=True):
+        problem = check_checkpoint(path)
+        if not problem:
+            return path
+        if set_aside_damaged:
+            aside = Path(tempfile.mkdtemp(dir=root, prefix=f"damaged-{path.name}-"))
+            os.replace(path, aside)
+            log(f"warning: checkpoint {path} is damaged ({problem}); moved it to {aside} and fell back to "
+                "the one before it")
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
@@ -79,10 +120,16 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise ValueError(f"{path}: the checkpoint's trainable tensors do not match this run's "
                          f"(missing {missing[:5]}, unexpected {extra[:5]}); was the method changed?")
+    moments = load_file(str(path / "optimizer.safetensors"))
+    for key, t in [*saved.items(), *moments.items()]:
+        name, _, kind = key.partition("::")
+        if kind != "step" and (name not in params or t.shape != params[name].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, this run's "
+                             f"{name!r} has {tuple(params[name].shape) if name in params else 'no place'}; "
+                             "was the model or method changed?")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    moments = load_file(str(path / "optimizer.safetensors"))
     for n, p in params.items():
         st = {key.split("::", 1)[1]: t for key, t in moments.items() if key.split("::", 1)[0] == n}
         if st:

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mintune
 from mintune.kernels.flash_attention import attention_reference, flash_attention
@@ -158,3 +160,111 @@ def test_keys_every_segment_may_see():
     out = flash_attention(q, k, v, scale=0.25, segment_ids=seg)
     ref = attention_reference(q, k, v, scale=0.25, segment_ids=seg)
     assert rel_err(out, ref) <= 1e-5
+
+
+# ---- head dim 128, the layouts the model passes, the block classification, the split dK/dV launch ----
+
+from mintune.kernels import flash_attention as fa  # noqa: E402
+from mintune.kernels.flash_attention import EVERY_SEGMENT as EVERY  # noqa: E402
+
+
+@pytest.mark.parametrize("T,ratio", [(17, 1), (33, 4)])
+def test_head_dim_128(T, ratio):
+    compare(B=1, Hq=2 * ratio, Hkv=2, T=T, S=T, D=128)
+
+
+def _model_views(B, Hq, Hkv, T, S, D, g, layout):
+    """q, k, v stored as the model stores them (see tests/gpu/test_attention_gpu.py: make_qkv)."""
+    if layout == "model":
+        return (torch.randn(B, T, Hq, D, generator=g).transpose(1, 2),
+                torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2), torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2))
+    if layout == "fused":
+        qkv = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g)
+        return tuple(t.view(B, T, -1, D).transpose(1, 2) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1))
+    cache_k, cache_v = torch.randn(B, Hkv, S + 9, D, generator=g), torch.randn(B, Hkv, S + 9, D, generator=g)
+    return torch.randn(B, T, Hq, D, generator=g).transpose(1, 2), cache_k[:, :, :S], cache_v[:, :, :S]
+
+
+@pytest.mark.parametrize("layout,T,S", [("model", 21, 21), ("fused", 21, 21), ("cache", 5, 37)])
+def test_strided_inputs_are_read_in_place(layout, T, S):
+    """No copies: the kernel reads the strides it is given, writes o as (B, T, H, D) memory, and the
+    gradients have the inputs' shapes."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (t.requires_grad_(True) for t in _model_views(2, 4, 2, T, S, 16, g, layout))
+    out = flash_attention(q, k, v, scale=0.25)
+    assert out.transpose(1, 2).is_contiguous()
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*ref_leaves, scale=0.25)
+    dout = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        assert a.shape == b.shape and rel_err(a, b) <= RTOL[torch.float32]
+
+
+@triton.jit
+def _ranges_kernel(OUT, T, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   WINDOW: tl.constexpr, KEYS: tl.constexpr):
+    i = tl.program_id(0)
+    if KEYS:  # the key blocks of query block i
+        lo, full_lo, full_hi, hi = fa_key_blocks(i * BLOCK_M, T, S, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    else:     # the query blocks of key block i
+        lo, full_lo, full_hi, hi = fa_query_blocks(i * BLOCK_N, T, S, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    tl.store(OUT + i * 4, lo)
+    tl.store(OUT + i * 4 + 1, full_lo)
+    tl.store(OUT + i * 4 + 2, full_hi)
+    tl.store(OUT + i * 4 + 3, hi)
+
+
+fa_key_blocks, fa_query_blocks = fa._key_blocks, fa._query_blocks
+
+
+def test_block_ranges_cover_every_visible_key_and_skip_masks_only_where_all_are_visible():
+    """Checked against `visible_keys` for every block of many shapes: [lo, hi) holds every visible pair,
+    and a block inside [full_lo, full_hi), which runs without a mask, has every real pair visible."""
+    for T, S in [(1, 17), (5, 40), (17, 17), (33, 33), (40, 100), (100, 100)]:
+        for causal in (True, False):
+            for window in (None, 1, 5, 40):
+                vis = fa.visible_keys(T, S, causal=causal, window=window, key_mask=None, device="cpu")[0, 0]
+                for BM, BN in [(16, 16), (16, 32), (32, 16)]:
+                    for keys in (True, False):
+                        n_blocks = triton.cdiv(T, BM) if keys else triton.cdiv(S, BN)
+                        out = torch.zeros(n_blocks * 4, dtype=torch.int32)
+                        _ranges_kernel[(n_blocks,)](out, T, S, BM, BN, causal, int(window or 0), keys)
+                        for i, (lo, full_lo, full_hi, hi) in enumerate(out.view(-1, 4).tolist()):
+                            where = f"T={T} S={S} causal={causal} window={window} {BM}x{BN} block {i}"
+                            if keys:
+                                rows = vis[i * BM:(i + 1) * BM]                  # (queries, S)
+                                seen = rows.any(0).nonzero().flatten().tolist()
+                                step, n_all = BN, S
+                            else:
+                                rows = vis[:, i * BN:(i + 1) * BN].t()           # (keys, T)
+                                seen = rows.any(0).nonzero().flatten().tolist()
+                                step, n_all = BM, T
+                            assert all(lo <= j < hi for j in seen), where
+                            assert lo % step == 0, where
+                            for start in range(lo, hi, step):
+                                if full_lo <= start < full_hi:
+                                    block = rows[:, start:min(start + step, n_all)]
+                                    assert block.all() and (not keys or start + step <= S), where
+
+
+def test_dk_and_dv_in_two_launches(monkeypatch):
+    """The configuration that computes dK and dV in separate launches (head dim 256 on a GPU)."""
+    monkeypatch.setattr(fa, "INTERPRETER_CONFIG", fa.INTERPRETER_CONFIG._replace(split_dkdv=True))
+    compare(B=2, Hq=4, Hkv=2, T=33, S=33, D=48, pad=True)
+
+
+def test_blocks_of_one_document_and_all_real_keys_skip_the_mask():
+    """Segments aligned with the 16-key blocks (so whole blocks need no mask), prefix keys, a key mask
+    of all ones: the same answer as the reference."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 64, 16, generator=g, requires_grad=True) for _ in range(3))
+    seg = torch.tensor([[EVERY] * 16 + [0] * 16 + [1] * 32, [EVERY] * 16 + [0] * 40 + [1] * 8])
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    out = flash_attention(q, k, v, scale=0.25, segment_ids=seg, key_mask=mask)
+    ref = attention_reference(q, k, v, scale=0.25, segment_ids=seg, key_mask=mask)
+    dout = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert rel_err(a, b) <= RTOL[torch.float32]
+    assert rel_err(out, ref) <= RTOL[torch.float32]

@@ -1,5 +1,5 @@
 """mintune's GGUF reader and converter on GGUF files written here with the `gguf` package (llama.cpp's
-own Python writer and dequantizer are the oracle)."""
+own Python writer and dequantizer are the oracle); llama.cpp's q/k row order is written out by hand here."""
 import json
 
 import numpy as np
@@ -11,7 +11,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import mintune
-from mintune.gguf import GGUFError, convert, read_gguf, read_gguf_tensor, unpermute_qk
+from mintune.gguf import GGUFError, convert, permute_qk, read_gguf, read_gguf_tensor, unpermute_qk
 from tiny_hf import make_hf_model
 from tiny_tokenizers import TRICKY_STRINGS, gpt2_backend
 
@@ -29,11 +29,22 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
+def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse, from the stored row each original row went to (the loop above applied to row numbers)."""
+    went_to = llama_cpp_permute(np.arange(w.shape[0])[:, None], n_head)[:, 0]  # stored row r holds row went_to[r]
+    out = np.empty_like(w)
+    out[went_to] = w
+    return out
+
+
 @pytest.mark.parametrize("n_head,rows,cols", [(4, 64, 48), (3, 48, 7), (1, 8, 1)])
-def test_unpermute_undoes_llama_cpp(n_head, rows, cols):
+def test_permutations_match_llama_cpp_order(n_head, rows, cols):
     w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
-    back = unpermute_qk(torch.from_numpy(llama_cpp_permute(w, n_head)), n_head)
-    assert torch.equal(back, torch.from_numpy(w))
+    stored = llama_cpp_permute(w, n_head)
+    assert not np.array_equal(stored, w)  # the order really changes
+    assert torch.equal(permute_qk(torch.from_numpy(w), n_head), torch.from_numpy(stored))
+    assert torch.equal(unpermute_qk(torch.from_numpy(stored), n_head), torch.from_numpy(w))
+    assert np.array_equal(llama_cpp_unpermute(stored, n_head), w)
 
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
@@ -93,7 +104,7 @@ def gguf_name(name: str) -> str:
     return f"{HF_TO_GGUF[module]}.{param}"
 
 
-def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2"):
+def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2", skip=()):
     """A tiny Llama + byte-level tokenizer as llama.cpp would store it; returns (hf model with the
     dequantized weights, tokenizer backend)."""
     tok = gpt2_backend()
@@ -129,11 +140,12 @@ def write_tiny_llama_gguf(path, arch="llama", tokenizer_model="gpt2"):
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
         qtype = Q.F32 if data.ndim == 1 else QTYPES[i % len(QTYPES)]
         packed = gguf_quantize(data, qtype)
-        w.add_tensor(gguf_name(name), packed, raw_dtype=qtype)
+        if gguf_name(name) not in skip:
+            w.add_tensor(gguf_name(name), packed, raw_dtype=qtype)
         back = gguf_dequantize(packed, qtype).reshape(data.shape).astype(np.float32)
         if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-            back = unpermute_qk(torch.from_numpy(back), heads).numpy()
+            back = llama_cpp_unpermute(back, heads)
         state[name] = torch.from_numpy(back)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -214,10 +226,17 @@ def test_unsupported_quantization_type(tmp_path):
         read_gguf_tensor(read_gguf(tmp_path / "k.gguf"), "blk.0.attn_q.weight")
 
 
-def test_architecture_other_than_llama(tmp_path):
-    write_tiny_llama_gguf(tmp_path / "g.gguf", arch="gpt2")
-    with pytest.raises(GGUFError, match=r"g\.gguf: architecture 'gpt2' is not supported"):
+def test_architecture_mintune_does_not_convert(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "g.gguf", arch="falcon")
+    with pytest.raises(GGUFError, match=r"g\.gguf: architecture 'falcon' is not supported"):
         convert(tmp_path / "g.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "m.gguf", skip=("blk.1.ffn_down.weight",))
+    with pytest.raises(GGUFError, match=r"m\.gguf: missing tensor\(s\) blk\.1\.ffn_down\.weight"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

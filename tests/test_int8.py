@@ -174,7 +174,7 @@ def test_lora_on_int8_trains_only_lora(saved, monkeypatch, bf16):
     ids = torch.randint(4, 180, (4, 12), generator=torch.Generator().manual_seed(1))
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(5):  # kernels through the interpreter: a few steps show the loss falling
         loss, n = lm_loss_sum(model, ids, None, ids)
         opt.zero_grad()
         (loss / n).backward()
@@ -265,3 +265,76 @@ def test_unknown_kernel_mode(monkeypatch):
     monkeypatch.setenv("MINTUNE_KERNELS", "fast")
     with pytest.raises(ValueError, match=r"MINTUNE_KERNELS='fast'; expected one of auto, reference, triton"):
         ops.kernel_mode()
+
+
+# ---- the kernel's own paths: split reductions, the dequantize + matmul path, the split heuristic ------
+
+from mintune.kernels import int8_matmul as mm  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("M,N,K,G", [(1, 70, 200, None), (17, 33, 96, 32), (3, 64, 256, None)])
+def test_split_reduction_against_reference(M, N, K, G, split, dtype):
+    """Programs that share a tile's reduction (split-K forward, split-N input gradient) sum to the
+    reference, and leave their arrival counters at zero for the next call."""
+    g = torch.Generator().manual_seed(M + N + K + split)
+    q, s = quantize_per_channel(torch.randn(N, K, generator=g), G)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    y = mm.int8_matmul(x, q, s, path="fused", split=split)
+    dx = mm.int8_matmul_grad_input(dy, q, s, path="fused", split=split)
+    assert rel_err(y, mm.int8_matmul_reference(x.float(), q, s)) <= RTOL[dtype]
+    assert rel_err(dx, dy.float() @ mm.dequantize_int8(q, s)) <= RTOL[dtype]
+    assert int(mm._COUNTERS[torch.device("cpu")].abs().sum()) == 0
+
+
+def test_the_launcher_splits_by_itself_when_tiles_are_few():
+    """4 SMs in the interpreter: 3 output tiles of 32 channels and 8 K steps take the split path."""
+    q, s = quantize_per_channel(torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(1))
+    plan = mm._plan("forward", x, q, s, None, torch.empty(2, 96), 0, mm.INTERPRETER_SMS)
+    assert plan.meta["SPLIT"] > 1 and plan.meta["EVEN_K"]
+    assert rel_err(mm.int8_matmul(x, q, s), mm.int8_matmul_reference(x, q, s)) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("G", [None, 16])
+def test_dequantize_then_matmul_path(dtype, G):
+    g = torch.Generator().manual_seed(7)
+    q, s = quantize_per_channel(torch.randn(40, 96, generator=g), G)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    dy = torch.randn(5, 40, generator=g).to(dtype)
+    w = mm.dequantize_into(q, s, dtype)
+    if dtype == torch.bfloat16:  # the interpreter rounds float32 -> bf16 its own way: within one bf16 step
+        assert ((w.float() - mm.dequantize_int8(q, s)).abs() <= mm.dequantize_int8(q, s).abs() * 2**-7).all()
+    else:  # rounded once from float32, as the reference
+        assert torch.equal(w, mm.dequantize_int8(q, s).to(dtype))
+    assert rel_err(mm.int8_matmul(x, q, s, path="dequant"), mm.int8_matmul_reference(x, q, s)) <= RTOL[dtype]
+    assert rel_err(mm.int8_matmul_grad_input(dy, q, s, path="dequant"),
+                   dy.float() @ mm.dequantize_int8(q, s)) <= RTOL[dtype]
+    with pytest.raises(ValueError, match=r"path must be one of fused, dequant, got 'cublas'"):
+        mm.int8_matmul(x, q, s, path="cublas")
+
+
+def test_large_m_takes_the_dequantize_path():
+    assert mm._pick_path(None, mm.DEQUANT_MIN_M) == "dequant"
+    assert mm._pick_path(None, mm.DEQUANT_MIN_M - 1) == "fused"
+
+
+def test_split_heuristic_by_hand():
+    # 172 tiles on 132 SMs: one program each would leave 2 waves 65% full; 2 splits fill 3 waves to 87%
+    assert mm.choose_split(172, 16, 132) == 2
+    # 64 tiles: 2 splits make 128 programs, 97% of one wave
+    assert mm.choose_split(64, 16, 132) == 2
+    # enough tiles already: no split
+    assert mm.choose_split(1376, 64, 132) == 1
+    # few K steps: at most steps // MIN_STEPS splits
+    assert mm.choose_split(8, 8, 132) == 2
+
+
+def test_interpreter_tiles_match_the_gpu_shapes():
+    """Every GPU configuration feeds a wgmma: weight tiles of whole warpgroups (64 rows per 4 warps)."""
+    for cfg in mm.FORWARD_CONFIGS + mm.BACKWARD_CONFIGS:
+        assert cfg.BLOCK_W % 64 == 0 and cfg.num_warps in (4, 8) and cfg.BLOCK_W // 64 >= cfg.num_warps // 4, cfg
+        assert cfg.why

@@ -739,7 +739,7 @@ def test_early_stopping(chat_dir, tmp_path):
     summary = train(cfg, show_progress=False, log=lambda *_: None)
     assert summary["stop_reason"].startswith("early stopping") and summary["steps"] == 6
     assert (tmp_path / "es" / "best" / "adapter_config.json").exists()
-    cfg.train.early_stopping_metric = "causal_lm/accuracy"
+    cfg.train.early_stopping_metric, cfg.train.output_dir = "causal_lm/accuracy", str(tmp_path / "es2")
     with pytest.raises(TrainingError, match=r"is not measured; choose one of causal_lm/loss"):
         train(cfg, show_progress=False, log=lambda *_: None)
 

@@ -13,11 +13,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections import Counter
 from pathlib import Path
+
+from splits import read_checked, write_jsonl
 
 HERE = Path(__file__).resolve().parent.parent / "mintune" / "datasets" / "sentiment"
 LABELS = ("positive", "negative", "neutral")
@@ -32,51 +33,20 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _problems(row: dict) -> list[str]:
+    problems = []
+    if row["label"] not in LABELS:
+        problems.append(f"bad label {row['label']!r}")
+    if row["kind"] not in KINDS:
+        problems.append(f"bad kind {row['kind']!r}")
+    return problems
+
+
 def load(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path.name}:{lineno}: invalid JSON: {exc}") from exc
-            rows.append((lineno, row))
-    return rows
-
-
-def validate(numbered: list) -> list[dict]:
-    errors = []
-    seen: dict[str, int] = {}
-    rows = []
-    for lineno, row in numbered:
-        where = f"all.jsonl:{lineno}"
-        if not isinstance(row, dict) or set(row) != FIELDS:
-            errors.append(f"{where}: expected exactly the keys {sorted(FIELDS)}")
-            continue
-        text, label, kind = row["text"], row["label"], row["kind"]
-        if not isinstance(text, str) or text != text.strip() or not text:
-            errors.append(f"{where}: text must be a non-empty, stripped string")
-            continue
-        if label not in LABELS:
-            errors.append(f"{where}: bad label {label!r}")
-        if kind not in KINDS:
-            errors.append(f"{where}: bad kind {kind!r}")
-        n = len(text.split())
-        if not MIN_WORDS <= n <= MAX_WORDS:
-            errors.append(f"{where}: {n} words, outside [{MIN_WORDS}, {MAX_WORDS}]")
-        key = _norm(text)
-        if key in seen:
-            errors.append(f"{where}: duplicate of line {seen[key]}")
-        else:
-            seen[key] = lineno
-        rows.append(row)
+    rows = read_checked(path, FIELDS, (MIN_WORDS, MAX_WORDS), _norm, _problems)
     counts = Counter(r["label"] for r in rows)
-    if len(set(counts[l] for l in LABELS)) != 1:
-        errors.append(f"labels are not balanced: {dict(counts)}")
-    if errors:
-        raise ValueError("validation failed:\n  " + "\n  ".join(errors))
+    if len(set(counts[label] for label in LABELS)) != 1:
+        raise ValueError(f"validation failed: labels are not balanced: {dict(counts)}")
     return rows
 
 
@@ -96,19 +66,12 @@ def split(rows: list[dict], seed: int = SEED) -> dict[str, list[dict]]:
     return out
 
 
-def write(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for r in rows:
-            fh.write(json.dumps({"text": r["text"], "label": r["label"], "kind": r["kind"]},
-                                ensure_ascii=False) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="validate all.jsonl and exit")
     args = ap.parse_args(argv)
 
-    rows = validate(load(HERE / "all.jsonl"))
+    rows = load(HERE / "all.jsonl")
     splits = split(rows)
     for name, part in splits.items():
         labels = Counter(r["label"] for r in part)
@@ -117,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"kinds={dict(sorted(kinds.items()))}")
     if not args.check:
         for name, part in splits.items():
-            write(HERE / f"{name}.jsonl", part)
+            write_jsonl(HERE / f"{name}.jsonl", part, ("text", "label", "kind"))
         print(f"wrote {', '.join(f'{n}.jsonl' for n in splits)} to {HERE}")
     return 0
 
