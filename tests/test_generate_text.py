@@ -101,7 +101,7 @@ def test_learned_positions_end_at_the_limit(saved):
     ids = torch.randint(4, model.cfg.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert model(ids[:, :64]).shape == (1, 64, model.cfg.vocab_size)
-        with pytest.raises(ValueError, match=r"position 64 is beyond this model's max_position_embeddings=64"):
+        with pytest.raises(ValueError, match=r"65 positions is longer than this model's max_position_embeddings = 64"):
             model(ids)
     with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ 5 new tokens exceeds this model's "
                                          r"max_position_embeddings=64"):
