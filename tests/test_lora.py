@@ -75,6 +75,36 @@ def test_merge_is_w_plus_scale_b_a_and_unmerge_restores(saved, rslora):
         assert (model(ids) - unmerged).abs().max().item() <= 1e-5
 
 
+def test_merge_and_unload_leaves_a_plain_model(saved):
+    """merge_lora(unload=True): no LoRA module or tensor left, `model.methods` without LoRA, and the logits of
+    transformers' model whose q/v weights are set to W + scale·B·A computed here."""
+    from transformers import AutoModelForCausalLM
+
+    path = saved("llama")
+    model = mintune.load_model(path)
+    plain_names = set(model.state_dict())
+    mintune.apply_lora(model, r=4, alpha=12, targets=["q_proj", "v_proj"])
+    randomize_lora(model)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i in range(model.cfg.n_layer):
+            for proj in ("q_proj", "v_proj"):
+                lora = getattr(model.layers[i].attn, proj)
+                hf_linear = getattr(hf.model.layers[i].self_attn, proj)
+                hf_linear.weight += (12 / 4) * lora.lora_B @ lora.lora_A
+    mintune.merge_lora(model, unload=True)
+    assert not lora_layers(model) and "lora" not in model.methods
+    assert all(type(getattr(layer.attn, proj)) is torch.nn.Linear
+               for layer in model.layers for proj in ("q_proj", "v_proj"))
+    assert set(model.state_dict()) == plain_names  # no lora_A / lora_B left
+    ids = batch(model.cfg.vocab_size)
+    with torch.no_grad():
+        assert (model(ids) - hf(input_ids=ids).logits).abs().max().item() <= ATOL
+        assert (model(ids) - mintune.load_model(path)(ids)).abs().max().item() > 1e-2  # the update is in there
+    with pytest.raises(ValueError, match="no LoRA adapters to unmerge"):
+        mintune.unmerge_lora(model)
+
+
 def test_dropout_only_in_training(saved):
     model = mintune.load_model(saved("llama"))
     mintune.apply_lora(model, r=4, alpha=8, dropout=0.5, targets=["q_proj"])

@@ -1,5 +1,8 @@
 """Every way of choosing what trains: the trainable set (by name), the loss falling on a toy task,
-generation with the KV cache, saving and loading; prompt tuning against peft."""
+generation with the KV cache, saving and loading; prompt tuning against peft, prefix tuning against
+peft and against transformers given the prefixes as its KV cache."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,7 @@ def apply(model, method, settings):
 def test_method_trains_what_it_says_and_loss_falls(saved, method, tmp_path):
     settings, expected = METHODS[method]
     model = mintune.load_model(saved("llama"))
+    torch.manual_seed(0)  # new weights start from the global generator: the same whatever ran before
     apply(model, method, settings)
     names = trainable(model)
     assert expected("all" if names == {n for n, _ in model.named_parameters()} else names), sorted(names)
@@ -85,7 +89,12 @@ def test_method_trains_what_it_says_and_loss_falls(saved, method, tmp_path):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lr = {"full": 3e-3, "prefix_tuning": 1e-1}.get(method, 2e-2)  # prefixes want a larger step
     losses = train_steps(model, lambda: lm_loss(model, ids), lr=lr)
-    assert losses[-1] < 0.9 * losses[0], losses
+    # The untrained model scores 6.4-6.9 nats on the batch, worse than a uniform guess over the vocabulary
+    # (ln 211 = 5.35, which no rescaling of its logits beats); after 15 steps every method is below that
+    # guess (measured over five initialisations: soft prompts 4.0-5.1, LoRA 2.6-2.8, adapters 1.1, full
+    # and partial under 0.1)
+    uniform = math.log(model.cfg.vocab_size)
+    assert losses[0] > uniform > losses[-1], losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     if method == "full":
         return
@@ -151,23 +160,104 @@ def test_prompt_tuning_against_peft_both_ways(saved, name, tmp_path):
 
 
 def test_prompt_and_prefix_initialised_from_text(tmp_path):
-    save_chat_model(tmp_path)
+    """The soft prompt starts as the text's token embeddings and the prefixes as the keys and values
+    transformers computes for the text, both read from transformers (its tokenizer, its embedding
+    table, its KV cache)."""
+    from transformers import AutoTokenizer
+
+    hf = save_chat_model(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    hf_ids = hf_tok("Classify the sentiment", add_special_tokens=False).input_ids
     model, tok = mintune.load_model(tmp_path), mintune.load_tokenizer(tmp_path)
     mintune.apply_prompt_tuning(model, n_tokens=7, init_text="Classify the sentiment", tokenizer=tok)
-    ids = tok.encode("Classify the sentiment", add_special_tokens=False)
-    expected = model.embed_tokens.weight[torch.tensor((ids * 7)[:7])]
-    assert torch.equal(model.prompt.embedding, expected)
+    repeated = (hf_ids * 7)[:7]  # the text's tokens repeated to fill the 7 virtual tokens (peft's rule)
+    assert torch.equal(model.prompt.embedding, hf.get_input_embeddings().weight[torch.tensor(repeated)])
     model = mintune.load_model(tmp_path)
     mintune.apply_prefix_tuning(model, n_tokens=3, init_text="Hello there friend", tokenizer=tok)
-    # the prefix of layer 0 holds the keys the model computes for the text's first 3 tokens
-    text = torch.tensor([tok.encode("Hello there friend", add_special_tokens=False)[:3]])
-    cache = mintune.KVCache(model.cfg.n_layer, 3)
-    prefixes = [layer.attn.prefix for layer in model.layers]
-    for layer in model.layers:
-        layer.attn.prefix = None
+    text = hf_tok("Hello there friend", add_special_tokens=False).input_ids[:3]
     with torch.no_grad():
-        model.hidden_states(text, cache=cache)
-    assert torch.allclose(prefixes[0].k, cache.k[0][0].transpose(0, 1))
+        past = hf(input_ids=torch.tensor([text]), use_cache=True).past_key_values
+    for i, layer in enumerate(model.layers):
+        k, v = past.layers[i].keys[0], past.layers[i].values[0]  # (n_kv_head, 3, head_dim)
+        assert (layer.attn.prefix.k - k.transpose(0, 1)).abs().max() <= 1e-5
+        assert (layer.attn.prefix.v - v.transpose(0, 1)).abs().max() <= 1e-5
+
+
+# ---- prefix tuning against transformers and peft -------------------------------------------------
+
+def random_prefixes(model, n, seed=0):
+    """Prefix tuning with n random keys and values per layer (std 1: they change the logits a lot)."""
+    mintune.apply_prefix_tuning(model, n_tokens=n)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.prefix.k.normal_(0, 1.0, generator=g)
+            layer.attn.prefix.v.normal_(0, 1.0, generator=g)
+    return [(layer.attn.prefix.k.detach(), layer.attn.prefix.v.detach()) for layer in model.layers]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prefix_tuning_is_a_past_that_every_query_sees(saved_with_model, name):
+    """mintune's prefix tuning is transformers' model handed the prefixes as past keys/values (a cache of
+    n positions, stored unrotated) with the real tokens numbered from 0: rotary (llama) and learned
+    positions (gpt2), with a left-padded row."""
+    from transformers import DynamicCache
+
+    path, hf = saved_with_model(name)
+    model, n = mintune.load_model(path), 3
+    prefixes = random_prefixes(model, n)
+    ids = toy_batch(model.cfg.vocab_size, B=2, T=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 has 4 real tokens, at positions 0..3
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def hf_logits(position_ids):
+        past = DynamicCache(ddp_cache_data=[(k.transpose(0, 1).expand(2, -1, -1, -1).contiguous(),  # (B, kv, n, hd)
+                                             v.transpose(0, 1).expand(2, -1, -1, -1).contiguous())
+                                            for k, v in prefixes])
+        with torch.no_grad():
+            return hf(input_ids=ids, attention_mask=torch.cat([torch.ones(2, n, dtype=torch.long), mask], 1),
+                      past_key_values=past, position_ids=position_ids).logits
+
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (ours - hf_logits(positions))[real].abs().max().item() <= 1e-4
+    # the numbering matters: the real tokens numbered from n (as peft does) give other logits
+    assert (ours - hf_logits(positions + n))[real].abs().max().item() > 1e-2
+
+
+def test_prefix_tuning_equals_peft_on_a_rotary_model(saved):
+    """peft keeps the prefix in the KV cache too, but numbers the real tokens from n. On a rotary model a
+    query at position i + n against an unrotated key scores as a query at i against that key rotated
+    by -n positions, so peft's prefix with its keys rotated back by n is mintune's prefix."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    path, n = saved("llama"), 3
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)).eval()
+    table = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        table.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    model = mintune.load_model(path)
+    mintune.apply_prefix_tuning(model, n_tokens=n)
+    c = model.cfg
+    # peft's table row t holds, for every layer, its key then its value: (n, 2 * n_layer, n_kv_head, head_dim)
+    kv = table.detach().view(n, 2 * c.n_layer, c.n_kv_head, c.head_dim).transpose(0, 2)  # (n_kv, 2L, n, hd)
+    rotary = peft_model.base_model.model.rotary_emb
+    assert rotary.attention_scaling == 1.0  # a pure rotation (llama3 scaling), so it can be undone
+    cos, sin = rotary(kv, position_ids=torch.full((1, n), -n))
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            k, v = kv[:, 2 * i], kv[:, 2 * i + 1]                     # (n_kv_head, n, head_dim)
+            k_back, _ = apply_rotary_pos_emb(k[None], k[None], cos, sin)
+            layer.attn.prefix.k.copy_(k_back[0].transpose(0, 1))      # (n, n_kv_head, head_dim)
+            layer.attn.prefix.v.copy_(v.transpose(0, 1))
+    ids = toy_batch(model.cfg.vocab_size, B=2, T=9)
+    with torch.no_grad():
+        assert (model(ids) - peft_model(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
 # ---- classification: head alone, head + LoRA, feature-based ----------------------------------------
@@ -185,6 +275,7 @@ def sentiment_toy(vocab, n=48, T=8, seed=0):
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_classification_head_trains(saved, with_lora):
     model = mintune.load_model(saved("llama"))
+    torch.manual_seed(0)  # LoRA's A and the head start from the global generator: the same whatever ran before
     if with_lora:
         mintune.apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
     mintune.add_classification_head(model, num_labels=2)
@@ -193,9 +284,17 @@ def test_classification_head_trains(saved, with_lora):
     ids, labels = sentiment_toy(model.cfg.vocab_size)
     mask = torch.ones_like(ids)
     mask[::3, -2:] = 0  # some right padding
+    # with LoRA on every linear layer a step of 2e-2 overshoots (the loss reaches 0, then jumps back to
+    # 0.1-0.4 for some initialisations: measured), 1e-2 does not
     losses = train_steps(model, lambda: F.cross_entropy(mintune.classify(model, ids, mask), labels),
-                         steps=25, lr=2e-2)
-    assert losses[-1] < 0.8 * losses[0], losses
+                         steps=25, lr=1e-2 if with_lora else 2e-2)
+    # always answering the commoner label scores the labels' entropy (0.685 nats: 27 of 48 rows are 1);
+    # the head fits the 48 rows far below that (measured 0.074-0.080 alone over six initialisations, under
+    # 1e-3 with LoRA) and gets every row right
+    p = labels.float().mean().item()
+    assert losses[-1] < 0.3 * -(p * math.log(p) + (1 - p) * math.log(1 - p)), losses
+    with torch.no_grad():
+        assert torch.equal(mintune.classify(model, ids, mask).argmax(-1), labels)
 
 
 def test_classification_head_equals_transformers_sequence_classification(saved):
@@ -242,19 +341,22 @@ def test_logistic_regression_is_optimal():
     assert (lin(x).argmax(-1) == y).float().mean() > 0.9
 
 
-def test_feature_based_transfer(saved, tmp_path):
-    model = mintune.load_model(saved("llama"))
+def test_feature_based_transfer(saved_with_model, tmp_path):
+    """The features are transformers' last hidden states (after the final norm) averaged over the tokens; the
+    head is the regression fit on them (its optimality: test_logistic_regression_is_optimal)."""
+    path, hf = saved_with_model("llama")
+    model = mintune.load_model(path)
     ids, labels = sentiment_toy(model.cfg.vocab_size, n=96)
     batches = [{"input_ids": ids[i:i + 32], "labels": labels[i:i + 32]} for i in range(0, 64, 32)]
     head = mintune.fit_classification_head(model, batches, num_labels=2, pooling="mean")
     assert trainable(model) == {"head.score.weight", "head.score.bias"}
     feats = extract_features(model, ids, pooling="mean")
+    with torch.no_grad():
+        assert (feats - hf(input_ids=ids, output_hidden_states=True).hidden_states[-1].mean(1)).abs().max() <= 1e-4
     assert torch.allclose(mintune.classify(model, ids), head.score(feats), atol=1e-5)
-    train_acc = (mintune.classify(model, ids[:64]).argmax(-1) == labels[:64]).float().mean()
-    assert train_acc > 0.7
     mintune.save_adapter(model, tmp_path / "probe")  # mean pooling + bias: mintune's own layout
     assert (tmp_path / "probe" / "mintune_adapter.json").exists()
-    again = mintune.load_adapter(mintune.load_model(saved("llama")), tmp_path / "probe")
+    again = mintune.load_adapter(mintune.load_model(path), tmp_path / "probe")
     assert torch.equal(mintune.classify(again, ids), mintune.classify(model, ids))
 
 
