@@ -39,3 +39,14 @@ def saved_with_model(tmp_path_factory):
 def saved(saved_with_model):
     """name -> directory of a tiny random model saved by transformers."""
     return lambda name: saved_with_model(name)[0]
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory):
+    """A tiny llama-shaped chat model with its tokenizer and chat template (tests/tiny_hf.py), built once;
+    tests read it and never write into it."""
+    from tiny_hf import save_chat_model
+
+    d = tmp_path_factory.mktemp("chatmodel")
+    save_chat_model(d)
+    return d

@@ -24,16 +24,8 @@ from mintune.files import DiskFullError
 from mintune.recipe import build_config
 from mintune.rundir import LOCK, RunDirError, _locked
 from mintune.train import TrainingError, train
-from tiny_hf import save_chat_model
 
 QUIET = dict(show_progress=False, log=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chatmodel")
-    save_chat_model(d)
-    return d
 
 
 def tables(chat_dir, out, **changes) -> dict:

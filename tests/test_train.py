@@ -18,14 +18,6 @@ from mintune.evaluate import class_scores, classification_metrics
 from mintune.loss import lm_loss_sum
 from mintune.recipe import Config, TrainSection, build_config, field_docs, load_config, sections
 from mintune.train import TrainingError, lr_at, train
-from tiny_hf import save_chat_model
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chatmodel")
-    save_chat_model(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ from mintune.evaluate import token_nll
 from mintune.recipe import load_config
 from mintune.tokenizer import ChatTemplateError
 from mintune.train import TrainingError, train
-from tiny_hf import save_chat_model
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("chatmodel")
-    save_chat_model(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ Imported by the GPU tests and, on a CPU, by tests/test_gpu_suite.py, which shows
 fail when the kernel path is not taken (so a GPU test cannot pass on the references).
 """
 import contextlib
-import os
 
 import torch
 
 from mintune import ops
+from mintune.bench import kernel_mode as forced  # MINTUNE_KERNELS=mode in a block, the user's value restored
 
 # ‖kernel - reference‖ / ‖reference‖ allowed, the reference computed in float32 from the same inputs:
 # a few roundings of the input dtype (bf16 keeps 8 bits, fp16 11); float32 runs IEEE dots.
@@ -17,20 +17,6 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
-
-
-@contextlib.contextmanager
-def forced(mode: str):
-    """MINTUNE_KERNELS=mode inside the block, the previous value (or its absence) restored after."""
-    before = os.environ.get("MINTUNE_KERNELS")
-    os.environ["MINTUNE_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MINTUNE_KERNELS"]
-        else:
-            os.environ["MINTUNE_KERNELS"] = before
 
 
 @contextlib.contextmanager
