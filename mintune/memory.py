@@ -25,12 +25,15 @@ from torch.utils._pytree import tree_leaves
 class LiveBytes(TorchDispatchMode):
     """Peak and current bytes of live tensor storages (see the module docstring)."""
 
-    def __init__(self, *holders, device: str | torch.device = "cpu"):
+    def __init__(self, *holders, device: str | torch.device = "cpu", explain: bool = False):
         super().__init__()
         self.device = torch.device(device)
         self.current = self.peak = 0
-        self._seen: weakref.WeakSet = weakref.WeakSet()
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # storage -> (op, shape, bytes)
         self._holders = holders
+        self.explain = explain  # keep `at_peak`: (op, shape, bytes) of every storage live at the peak (slow)
+        self.at_peak: list[tuple[str, tuple, int]] = []
+        self._op = "held at entry"
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -53,6 +56,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -65,10 +69,13 @@ class LiveBytes(TorchDispatchMode):
         if storage in self._seen or storage.nbytes() == 0:
             return
         n = storage.nbytes()
-        self._seen.add(storage)
+        self._seen[storage] = (self._op, tuple(t.shape), n)
         weakref.finalize(storage, self._free, n)
         self.current += n
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.explain:
+                self.at_peak = list(self._seen.values())
 
     def _free(self, n: int) -> None:
         self.current -= n
@@ -88,3 +95,45 @@ def _tensors_of(holders):
         elif isinstance(h, torch.optim.Optimizer):
             for state in h.state.values():
                 yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> list:
+    """`batch` examples of `seq` random tokens, every position labelled (the most a step can hold)."""
+    from .data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, vocab, (batch, seq), generator=g).tolist()
+    return [Example(input_ids=r, labels=r, row=i + 1, source="random") for i, r in enumerate(rows)]
+
+
+class _SameBatches:
+    """A stand-in for data.Mixer that always draws the same random rows."""
+
+    def __init__(self, seq: int, vocab: int):
+        self.seq, self.vocab = seq, vocab
+
+    def batch(self, size: int) -> list:
+        return random_batch(size, self.seq, self.vocab)
+
+
+def measure_step(model, train, seq: int, steps: int = 2, explain: bool = False) -> LiveBytes:
+    """Run `steps` optimizer steps of `train.optimizer_step` (micro-batches of train.batch_size rows of
+    `seq` tokens, train.grad_accum of them, AdamW built as training builds it) on random tokens, and
+    return the LiveBytes that watched them. Its peak counts the weights, so the model should hold
+    nothing else (no gradients yet). The second step is the first with the optimizer's state."""
+    from types import SimpleNamespace
+
+    from .train import _optimizer, optimizer_step
+
+    device = next(model.parameters()).device
+    model.train()
+    model.recompute_every = train.gradient_checkpointing
+    model.loss_chunk = train.loss_chunk
+    optimizer, scaler = _optimizer(model, train, device)
+    run = SimpleNamespace(cfg=SimpleNamespace(train=train), model=model, optimizer=optimizer, scaler=scaler,
+                          mixer=_SameBatches(seq, model.cfg.vocab_size), tok=SimpleNamespace(pad_id=0),
+                          device=device, state={"tokens": 0, "skipped_steps": 0}, log=print)
+    with LiveBytes(model, optimizer, device=device, explain=explain) as live:
+        for step in range(steps):
+            optimizer_step(run, step)
+    return live
