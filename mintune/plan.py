@@ -54,6 +54,27 @@ def parse_size(text: str, key: str = "train.memory_budget") -> int:
     return n
 
 
+def _grouped(rows: list[Row]):
+    """(row, [blocks]) with the rows that are the same in several blocks given once ([] outside blocks)."""
+    out: dict = {}
+    for r in rows:
+        m = re.match(r"block (\d+) (.*)", r.name)
+        key = (r.section, m.group(2), r.bytes, r.formula) if m else (r.section, r.name, id(r))
+        out.setdefault(key, [r, []])
+        if m:
+            out[key][1].append(int(m.group(1)))
+    return [(r, blocks) for r, blocks in out.values()]
+
+
+def _span(blocks: list[int]) -> str:
+    """'block 3', 'blocks 1-29' or 'blocks 0,2,4'."""
+    if len(blocks) == 1:
+        return f"block {blocks[0]}"
+    if blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"blocks {blocks[0]}-{blocks[-1]}"
+    return "blocks " + ",".join(map(str, blocks))
+
+
 def human(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / MIB:.1f} MiB"
 
@@ -76,17 +97,26 @@ class Plan:
     settings: dict = field(default_factory=dict)   # batch, seq, checkpointing, loss_chunk, ...
 
     def table(self) -> str:
-        lines = [f"{'':2}{'what':36}{'bytes':>12}  formula  # why"]
+        """The rows (a block's rows once, with the blocks they hold for), then the moments of the step."""
+        lines = [f"  {'what':44}{'bytes':>11}  formula  # why"]
         section = None
-        for r in self.rows:
+        for r, blocks in _grouped(self.rows):
             if r.section != section:
                 section = r.section
                 lines.append(f"[{section}]")
-            lines.append(f"  {r.name:36}{human(r.bytes):>12}  {r.formula}  # {r.why}")
-        lines.append("[peak]")
+            name, total, formula = r.name, r.bytes * len(blocks or [0]), r.formula
+            if blocks:
+                name = f"{_span(blocks)} {r.name.split(' ', 2)[2]}"
+                formula = f"{len(blocks)} × {formula}" if len(blocks) > 1 else formula
+            lines.append(f"  {name:44}{human(total):>11}  {formula}  # {r.why}")
+        lines.append("[peak: the moments of the second step]")
+        backward = {k: v for k, v in self.moments.items() if k.startswith("backward")}
+        worst = max(backward, key=backward.get) if backward else None
         for moment, total in self.moments.items():
+            if moment.startswith("backward") and moment not in (worst, self.peak_moment):
+                continue  # the block whose backward holds most stands for all of them
             mark = "  <- peak" if moment == self.peak_moment else ""
-            lines.append(f"  {moment:36}{human(total):>12}{mark}")
+            lines.append(f"  {moment:44}{human(total):>11}{mark}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -123,14 +153,14 @@ def meta_model(cfg: Config):
     for name, p in model.named_parameters():  # the dtypes loading gives (hf._read_into)
         if name not in quantized:
             p.data = p.data.to(torch.float32 if int8 and is_norm(name) else dtype)
-    _apply_method_on_meta(model, cfg)
+    _apply_method(model, cfg)
     model.recompute_every, model.loss_chunk = cfg.train.gradient_checkpointing, cfg.train.loss_chunk
     return model
 
 
-def _apply_method_on_meta(model, cfg: Config) -> None:
-    """The recipe's method, as train.apply_recipe_method applies it (a soft prompt's initial text only
-    changes values, not shapes, so it is left out: the plan needs no tokenizer)."""
+def _apply_method(model, cfg: Config) -> None:
+    """The recipe's method, as train.apply_recipe_method applies it, on a meta or a real model (a soft
+    prompt's initial text only changes values, not shapes: left out, so no tokenizer is needed)."""
     from .heads import add_classification_head
     from .methods import apply_method
 
@@ -458,9 +488,10 @@ def _block_grads(model, world_size: int) -> list[int]:
 
 
 def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 0, device: str = "cpu",
-              precision: str = "fp32", world_size: int = 1) -> Plan:
+              precision: str = "fp32", world_size: int = 1, grad_accum: int = 1) -> Plan:
     """The memory of one training step of `model` (built on meta, its method applied) on `batch` rows of
-    `seq` tokens, every position labelled; `every`: gradient checkpointing; `world_size`: FSDP ranks."""
+    `seq` tokens, every position labelled; `every`: gradient checkpointing; `world_size`: FSDP ranks;
+    with grad_accum > 1 the later micro-batches run while the earlier ones' gradients are held."""
     cfg = model.cfg
     virtual = model.prompt.n_tokens if model.prompt is not None else 0
     prefix = max((getattr(getattr(getattr(b.attn, "base", b.attn), "prefix", None), "n_tokens", 0) or 0)
@@ -476,7 +507,9 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     loss_kept, loss_transient = loss_rows(model, d, n, loss_chunk)
     rows += loss_kept + loss_transient
     static = sum(r.bytes for r in rows if r.section == "weights") + 2 * grads + state[2].bytes
-    moments = {"loss backward (end of forward)": static + sum(r.bytes for r in kept + loss_kept + loss_transient)}
+    held = grads if grad_accum > 1 else 0               # accumulated gradients, from the second micro-batch on
+    moments = {"loss backward (end of forward)":
+               static + held + sum(r.bytes for r in kept + loss_kept + loss_transient)}
     block_grads, (t_mlp, t_attn) = _block_grads(model, world_size), backward_transients(model, d)
     late = sum(_nbytes(p) for name, p in model.named_parameters()   # gradients made after every block's
                if p.requires_grad and name.startswith(("embed_", "project_in", "prompt"))) // world_size
@@ -486,7 +519,7 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
         own = d.N * cfg.hidden_size * a if every and i % every == 0 else 0   # a checkpointed block's input
         mlp = sum(r.bytes for r in per_block[i] if _in_mlp(r))
         attn = sum(r.bytes for r in per_block[i] if not _in_mlp(r))
-        done = static + head_grads + sum(block_grads[i + 1:]) + before + own
+        done = static + (held or head_grads + sum(block_grads[i + 1:])) + before + own
         moments[f"backward of block {i}"] = done + max(attn + mlp + t_mlp, block_grads[i] + attn + t_attn)
     opt_transient = grads if device == "cuda" else 2 * largest  # foreach AdamW on CUDA, one tensor at a time on CPU
     moments["optimizer step"] = static + grads + opt_transient
@@ -497,8 +530,9 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     rows.append(Row("transient", "AdamW temporaries", opt_transient, "Σ grads (CUDA) or 2 × largest (CPU)",
                     "sqrt(v)/bias-correction + eps, for all tensors at once (foreach) or one at a time"))
     peak_moment = max(moments, key=moments.get)
-    settings = {"batch_size": batch, "seq": seq, "virtual_tokens": virtual, "gradient_checkpointing": every,
-                "loss_chunk": loss_chunk, "device": device, "precision": precision, "world_size": world_size}
+    settings = {"batch_size": batch, "grad_accum": grad_accum, "seq": seq, "virtual_tokens": virtual,
+                "gradient_checkpointing": every, "loss_chunk": loss_chunk, "device": device, "precision": precision,
+                "world_size": world_size}
     return Plan(rows, moments[peak_moment], peak_moment, moments, settings)
 
 
@@ -506,3 +540,158 @@ def _block_of(row: Row) -> int:
     """The block a row belongs to (rows outside the blocks: after every block)."""
     m = re.match(r"block (\d+) ", row.name)
     return int(m.group(1)) if m else 10**9
+
+
+def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str) -> list[Row]:
+    """Generation (KV cache) and evaluation (forward under no_grad): what they hold beside the weights."""
+    cfg = model.cfg
+    attn = getattr(model.layers[0].attn, "base", model.layers[0].attn)
+    a, L = model.embed_tokens.weight.element_size(), seq + new_tokens
+    Hq, Hkv, D, V = attn.n_head, attn.n_kv_head, attn.head_dim, cfg.vocab_size
+    scores = 0 if device == "cuda" else 3 * batch * Hq * seq * seq * 4
+    return [
+        Row("generation", "KV cache", 2 * cfg.n_layer * batch * Hkv * L * D * a, f"2·layers·B·Hkv·{L}·D·a",
+            "keys and values of every position, allocated for prompt + new tokens in every layer"),
+        Row("generation", "prefill attention scores", scores, "3·B·Hq·T·T·4 (reference; kernel: 0)",
+            "the prompt's forward: scores, probabilities and their mask-filled copies of one layer"),
+        Row("evaluation", "one forward's activations", 4 * batch * seq * max(cfg.hidden_size, cfg.intermediate_size) * a
+            + scores, "4·B·T·max(C, F)·a + scores", "under no_grad nothing is kept: a layer's few tensors at a time"),
+        Row("evaluation", "logits and loss of a batch", 2 * batch * seq * V * 4, "2·B·T·V·4",
+            "the logits of the labelled positions and their log-softmax (float32)"),
+    ]
+
+
+def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | None = None,
+         every: int | None = None) -> Plan:
+    """The plan of the recipe's training step (rows of train.batch_size, or `batch`, of data.max_length
+    tokens; checkpointing train.gradient_checkpointing, or `every`), with generation and evaluation."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    model = meta_model(cfg)
+    t = cfg.train
+    seq = max(task.max_length for task in cfg.data.tasks())
+    p = plan_step(model, batch or t.batch_size, seq, every=t.gradient_checkpointing if every is None else every,
+                  loss_chunk=t.loss_chunk, device=device, precision=t.precision, world_size=world_size,
+                  grad_accum=t.grad_accum)
+    p.rows += inference_rows(model, t.eval_batch_size, seq, 64, device)
+    return p
+
+
+# --------------------------------------------------------------------------- fitting a budget
+
+BUDGET_CHUNK = 1024   # train.loss_chunk the budget turns on when the whole logits do not fit
+
+
+def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 1) -> tuple[dict, Plan]:
+    """The settings that fit a step under `budget` bytes: ({batch_size, grad_accum, gradient_checkpointing,
+    loss_chunk}, their plan). The global batch (batch_size × grad_accum) stays; the first that fits of:
+    the recipe's own checkpointing and loss chunks, then the chunked loss, then checkpointing every 2nd
+    block, then every block; at each, the largest micro-batch that divides the global batch. Refuses,
+    with the plan, when nothing fits."""
+    t = cfg.train
+    total = t.batch_size * t.grad_accum
+    model = meta_model(cfg)
+    seq = max(task.max_length for task in cfg.data.tasks())
+    weights = sum(r.bytes for r in weight_rows(model, world_size))
+    if weights > budget:
+        raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}) is below what the "
+                         f"weights alone need: {human(weights)} ({_by_dtype(model, world_size)})")
+    chunk = t.loss_chunk or BUDGET_CHUNK
+    ladder = [(t.gradient_checkpointing, t.loss_chunk), (t.gradient_checkpointing, chunk),
+              (max(1, min(t.gradient_checkpointing or 2, 2)), chunk), (1, chunk)]
+    last = None
+    for every, loss_chunk in dict.fromkeys(ladder):   # in order, without repeats
+        for batch in (b for b in range(total, 0, -1) if total % b == 0):
+            last = plan_step(model, batch, seq, every=every, loss_chunk=loss_chunk, device=device,
+                             precision=t.precision, world_size=world_size, grad_accum=total // batch)
+            if last.peak_bytes <= budget:
+                choice = {"batch_size": batch, "grad_accum": total // batch, "gradient_checkpointing": every,
+                          "loss_chunk": loss_chunk}
+                return choice, last
+    raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}): no setting fits; the "
+                     f"smallest, batch_size = 1 with every block checkpointed and the loss in chunks of {chunk}, "
+                     f"needs {human(last.peak_bytes)} at its peak ({last.peak_moment}):\n{last.table()}")
+
+
+def _by_dtype(model, world_size: int) -> str:
+    return ", ".join(f"{r.name.removeprefix('weights ')} {human(r.bytes)}" for r in weight_rows(model, world_size))
+
+
+def apply_budget(cfg: Config, device: str, log=print, world_size: int = 1) -> Plan:
+    """Set train.batch_size, grad_accum, gradient_checkpointing and loss_chunk to fit train.memory_budget;
+    log the choice and the plan; returns the plan."""
+    t = cfg.train
+    budget = parse_size(t.memory_budget)
+    choice, p = fit_budget(cfg, budget, device, world_size)
+    before = {k: getattr(t, k) for k in choice}
+    for k, v in choice.items():
+        setattr(t, k, v)
+    changed = ", ".join(f"{k} {before[k]} -> {v}" for k, v in choice.items() if before[k] != v) or "nothing changed"
+    log(f"memory_budget {t.memory_budget} ({human(budget)}): {changed}; predicted peak "
+        f"{human(p.peak_bytes)} ({p.peak_moment})\n{p.table()}")
+    return p
+
+
+# --------------------------------------------------------------------------- command line
+
+USAGE = """python -m mintune.plan CONFIG.toml [--section.key=value ...] [--device cpu|cuda] [--world-size N]
+                        [--json FILE] [--measure]
+
+The memory of one training step of the recipe, predicted from config.json and the safetensors headers
+(no weights loaded): every row with its formula and why it is held, the peak and the moment it falls.
+--measure also loads the model, runs two steps on random tokens and prints the measured peak beside."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(USAGE))
+        return 0
+    ap = argparse.ArgumentParser(prog="python -m mintune.plan", add_help=False)
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--measure", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    return run_command(lambda: _plan_command(args, overrides))
+
+
+def _plan_command(args, overrides: list[str]) -> None:
+    from .files import write_json
+
+    cfg = load_config(args.config, overrides)
+    if cfg.train.memory_budget:
+        p = apply_budget(cfg, args.device, world_size=args.world_size)
+    else:
+        p = plan(cfg, args.device, args.world_size)
+        print(p.table())
+    out = p.to_json()
+    print(f"predicted peak: {human(p.peak_bytes)} ({p.peak_moment})")
+    if args.measure:
+        measured = measure_recipe(cfg, args.device)
+        out["measured_peak_bytes"] = measured
+        print(f"measured peak:  {human(measured)} ({100 * (p.peak_bytes / measured - 1):+.1f}% planned vs measured)")
+    if args.json:
+        write_json(args.json, out)
+
+
+def measure_recipe(cfg: Config, device: str) -> int:
+    """Load the recipe's model, apply its method, run two training steps on random rows of
+    data.max_length tokens (memory.measure_step) and return the measured peak in bytes."""
+    from .fetch import model_dir
+    from .hf import load_model
+    from .memory import measure_step
+
+    where = model_dir(cfg.model.path)
+    model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
+                       group_size=cfg.model.group_size or None)
+    _apply_method(model, cfg)
+    seq = max(task.max_length for task in cfg.data.tasks())
+    return measure_step(model, cfg.train, seq).peak
+
+
+if __name__ == "__main__":
+    sys.exit(main())
