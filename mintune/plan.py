@@ -524,9 +524,9 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     opt_transient = grads if device == "cuda" else 2 * largest  # foreach AdamW on CUDA, one tensor at a time on CPU
     moments["optimizer step"] = static + grads + opt_transient
     rows.append(Row("transient", "MLP backward", t_mlp, "2·N·C·a + 2·N·F·a",
-                    "the gradient flowing back and the MLP's hidden gradients, beside the whole block's activations"))
+                    "the gradient flowing back and the MLP's hidden gradients, beside all the block keeps"))
     rows.append(Row("transient", "attention backward", t_attn, "2·N·C·a + 2·B·Hq·T·S·4 (reference)",
-                    "the gradient flowing back and the probabilities' and scores' gradients, after the MLP's are freed"))
+                    "the gradient flowing back, the probabilities' and scores' gradients (the MLP's freed)"))
     rows.append(Row("transient", "AdamW temporaries", opt_transient, "Σ grads (CUDA) or 2 × largest (CPU)",
                     "sqrt(v)/bias-correction + eps, for all tensors at once (foreach) or one at a time"))
     peak_moment = max(moments, key=moments.get)
@@ -542,7 +542,7 @@ def _block_of(row: Row) -> int:
     return int(m.group(1)) if m else 10**9
 
 
-def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str) -> list[Row]:
+def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str, loss_chunk: int = 0) -> list[Row]:
     """Generation (KV cache) and evaluation (forward under no_grad): what they hold beside the weights."""
     cfg = model.cfg
     attn = getattr(model.layers[0].attn, "base", model.layers[0].attn)
@@ -556,8 +556,9 @@ def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str) ->
             "the prompt's forward: scores, probabilities and their mask-filled copies of one layer"),
         Row("evaluation", "one forward's activations", 4 * batch * seq * max(cfg.hidden_size, cfg.intermediate_size) * a
             + scores, "4·B·T·max(C, F)·a + scores", "under no_grad nothing is kept: a layer's few tensors at a time"),
-        Row("evaluation", "logits and loss of a batch", 2 * batch * seq * V * 4, "2·B·T·V·4",
-            "the logits of the labelled positions and their log-softmax (float32)"),
+        Row("evaluation", "logits and loss of a batch", 2 * min(batch * seq, loss_chunk or batch * seq) * V * 4,
+            f"2·{'min(B·T, chunk)' if loss_chunk else 'B·T'}·V·4",
+            "the logits of the labelled positions and their log-softmax, float32 (train.loss_chunk: a chunk's)"),
     ]
 
 
@@ -573,21 +574,22 @@ def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | Non
     p = plan_step(model, batch or t.batch_size, seq, every=t.gradient_checkpointing if every is None else every,
                   loss_chunk=t.loss_chunk, device=device, precision=t.precision, world_size=world_size,
                   grad_accum=t.grad_accum)
-    p.rows += inference_rows(model, t.eval_batch_size, seq, 64, device)
+    p.rows += inference_rows(model, t.eval_batch_size, seq, 64, device, t.loss_chunk)
     return p
 
 
 # --------------------------------------------------------------------------- fitting a budget
 
-BUDGET_CHUNK = 1024   # train.loss_chunk the budget turns on when the whole logits do not fit
+BUDGET_CHUNK = 256    # train.loss_chunk a budget sets when none is: 3 float32 (256, V) buffers at a time
 
 
 def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 1) -> tuple[dict, Plan]:
     """The settings that fit a step under `budget` bytes: ({batch_size, grad_accum, gradient_checkpointing,
-    loss_chunk}, their plan). The global batch (batch_size × grad_accum) stays; the first that fits of:
-    the recipe's own checkpointing and loss chunks, then the chunked loss, then checkpointing every 2nd
-    block, then every block; at each, the largest micro-batch that divides the global batch. Refuses,
-    with the plan, when nothing fits."""
+    loss_chunk}, their plan). The global batch (batch_size × grad_accum) stays. The loss is chunked
+    (train.loss_chunk, or BUDGET_CHUNK positions): it costs no compute and gives the same loss to 1e-6.
+    Then the first that fits of: the recipe's checkpointing, every 2nd block, every block (each costs
+    up to one more forward of the blocks it recomputes); at each, the largest micro-batch dividing the
+    global batch. Refuses, with the plan, when nothing fits."""
     t = cfg.train
     total = t.batch_size * t.grad_accum
     model = meta_model(cfg)
@@ -597,8 +599,7 @@ def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 
         raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}) is below what the "
                          f"weights alone need: {human(weights)} ({_by_dtype(model, world_size)})")
     chunk = t.loss_chunk or BUDGET_CHUNK
-    ladder = [(t.gradient_checkpointing, t.loss_chunk), (t.gradient_checkpointing, chunk),
-              (max(1, min(t.gradient_checkpointing or 2, 2)), chunk), (1, chunk)]
+    ladder = [(t.gradient_checkpointing, chunk), (max(1, min(t.gradient_checkpointing or 2, 2)), chunk), (1, chunk)]
     last = None
     for every, loss_chunk in dict.fromkeys(ladder):   # in order, without repeats
         for batch in (b for b in range(total, 0, -1) if total % b == 0):

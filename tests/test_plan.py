@@ -152,3 +152,25 @@ def test_budget_choice_fits_when_measured(model_dirs):
     assert t.batch_size * t.grad_accum == 8 and (t.batch_size < 8 or t.gradient_checkpointing or t.loss_chunk)
     assert measure_recipe(cfg, "cpu") <= budget
     assert "memory_budget" in said[0] and "predicted peak" in said[0]
+
+
+def test_training_with_a_budget_prints_the_choice_and_runs(tmp_path):
+    """The whole loop: a budget under what batch 8 needs; training takes the chosen settings."""
+    from tiny_hf import save_chat_model
+
+    from mintune.train import train
+
+    save_chat_model(tmp_path / "model")
+    tables = {"model": {"path": str(tmp_path / "model")},
+              "method": {"name": "lora", "r": 4, "dropout": 0.0, "targets": ["all-linear"]},
+              "data": {"kind": "causal_lm", "train": "builtin:quotes/train.jsonl",
+                       "validation": "builtin:quotes/validation.jsonl", "max_length": 32},
+              "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "max_steps": 2, "eval_every": 0,
+                        "retention": "", "samples": 0, "test_before": False}}
+    peak = plan(build_config(tables)).peak_bytes
+    tables["train"]["memory_budget"] = f"{int(0.8 * peak)}B"
+    said = []
+    summary = train(build_config(tables), show_progress=False, log=said.append)
+    choice = next(line for line in said if line.startswith("memory_budget"))
+    assert "batch_size 8 -> " in choice or "gradient_checkpointing 0 -> " in choice or "loss_chunk 0 -> " in choice
+    assert summary["steps"] == 2
