@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import ops
 from .recipe import Config, help_text, load_config
 
 GIB, MIB = 2**30, 2**20
@@ -497,7 +498,8 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     prefix = max((getattr(getattr(getattr(b.attn, "base", b.attn), "prefix", None), "n_tokens", 0) or 0)
                  for b in model.layers)
     a = 2 if precision in ("bf16", "fp16") else model.embed_tokens.weight.element_size()
-    d = Dims(batch, seq + virtual, seq + virtual + prefix, a, kernel=device == "cuda")
+    kernel = device == "cuda" and ops.kernel_mode() != "reference"   # ops.attention's choice on CUDA
+    d = Dims(batch, seq + virtual, seq + virtual + prefix, a, kernel)
     n = batch * (seq - 1)                               # positions that predict a labelled token
     rows = weight_rows(model, world_size)
     state, grads, largest = state_rows(model, world_size, device)
