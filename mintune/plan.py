@@ -549,15 +549,15 @@ def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str, lo
     cfg = model.cfg
     attn = getattr(model.layers[0].attn, "base", model.layers[0].attn)
     a, L = model.embed_tokens.weight.element_size(), seq + new_tokens
-    Hq, Hkv, D, V = attn.n_head, attn.n_kv_head, attn.head_dim, cfg.vocab_size
+    Hq, Hkv, D, V, F_ = attn.n_head, attn.n_kv_head, attn.head_dim, cfg.vocab_size, cfg.intermediate_size
     scores = 0 if device == "cuda" else 3 * batch * Hq * seq * seq * 4
     return [
         Row("generation", "KV cache", 2 * cfg.n_layer * batch * Hkv * L * D * a, f"2·layers·B·Hkv·{L}·D·a",
             "keys and values of every position, allocated for prompt + new tokens in every layer"),
         Row("generation", "prefill attention scores", scores, "3·B·Hq·T·T·4 (reference; kernel: 0)",
             "the prompt's forward: scores, probabilities and their mask-filled copies of one layer"),
-        Row("evaluation", "one forward's activations", 4 * batch * seq * max(cfg.hidden_size, cfg.intermediate_size) * a
-            + scores, "4·B·T·max(C, F)·a + scores", "under no_grad nothing is kept: a layer's few tensors at a time"),
+        Row("evaluation", "one forward's activations", 4 * batch * seq * max(cfg.hidden_size, F_) * a + scores,
+            "4·B·T·max(C, F)·a + scores", "under no_grad nothing is kept: a layer's few tensors at a time"),
         Row("evaluation", "logits and loss of a batch", 2 * min(batch * seq, loss_chunk or batch * seq) * V * 4,
             f"2·{'min(B·T, chunk)' if loss_chunk else 'B·T'}·V·4",
             "the logits of the labelled positions and their log-softmax, float32 (train.loss_chunk: a chunk's)"),

@@ -16,9 +16,9 @@ from mintune.plan import apply_budget, main, measure_recipe, parse_size, plan
 from mintune.recipe import build_config
 
 FAMILIES = {
-    "llama": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "llama": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 211, "max_position_embeddings": 128},
-    "gpt2": {"model_type": "gpt2", "n_embd": 48, "n_layer": 3, "n_head": 4, "vocab_size": 203, "n_positions": 128,
+    "gpt2": {"model_type": "gpt2", "n_embd": 48, "n_layer": 2, "n_head": 4, "vocab_size": 203, "n_positions": 128,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": False},
 }
 QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
@@ -79,13 +79,13 @@ def test_plan_reads_no_weights(model_dirs, monkeypatch):
 
 
 def test_weights_by_dtype_count_int8_and_scales(model_dirs):
-    """Hand count: a Llama block has q, k, v, o (64->64, 64->32, 64->32, 64->64) and gate, up, down (64<->96)."""
+    """Hand count, 2 blocks, each with q, k, v, o (64->64, 64->32, 64->32, 64->64), gate, up, down (64<->96)."""
     rows = {r.name: r.bytes for r in plan(recipe(model_dirs["llama"], "llama", model__quantize="int8")).rows}
     per_block = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 96
     outputs = 64 + 32 + 32 + 64 + 96 + 96 + 64
-    assert rows["weights int8"] == 3 * per_block
-    assert rows["weights int8 scales"] == 3 * outputs * 4
-    lora = 3 * 2 * (8 * 64 * 4) + 3 * (64 * 8 + 32 * 8) * 4   # A (8, 64) of q and v; B (64, 8) and (32, 8)
+    assert rows["weights int8"] == 2 * per_block
+    assert rows["weights int8 scales"] == 2 * outputs * 4
+    lora = 2 * 2 * (8 * 64 * 4) + 2 * (64 * 8 + 32 * 8) * 4   # A (8, 64) of q and v; B (64, 8) and (32, 8)
     assert rows["gradients"] == lora and rows["AdamW exp_avg, exp_avg_sq"] == 2 * lora
 
 
@@ -124,7 +124,7 @@ def test_bad_budget_names_the_key(model_dirs, text):
 def test_budget_below_the_weights_says_what_they_need(model_dirs):
     # embeddings and head 2·211·64, per block 2·64·64 + 2·64·32 + 3·64·96 + norms 2·64 + LoRA's q and v
     # (A 8·64 each, B 64·8 and 32·8), final norm 64
-    weights = 4 * (2 * 211 * 64 + 3 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64 + 3 * 512 + 256) + 64)
+    weights = 4 * (2 * 211 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64 + 3 * 512 + 256) + 64)
     cfg = recipe(model_dirs["llama"], "llama", train__memory_budget=f"{weights - 1}B")
     with pytest.raises(ValueError, match=rf"below what the weights alone need: {weights / 2**20:.1f} MiB "
                                          rf"\(float32 {weights / 2**20:.1f} MiB\)"):
@@ -142,10 +142,10 @@ def test_budget_that_nothing_fits_refuses_with_the_plan(model_dirs):
 
 def test_budget_choice_fits_when_measured(model_dirs):
     """A budget under the recipe's own peak: the settings chosen keep the global batch and fit, measured."""
-    cfg = recipe(model_dirs["gpt2"], "gpt2", "full", batch=8, seq=48)
+    cfg = recipe(model_dirs["gpt2"], "gpt2", "full", batch=8, seq=32)
     unlimited = measure_recipe(cfg, "cpu")
     budget = int(0.6 * unlimited)
-    cfg = recipe(model_dirs["gpt2"], "gpt2", "full", batch=8, seq=48, train__memory_budget=f"{budget}B")
+    cfg = recipe(model_dirs["gpt2"], "gpt2", "full", batch=8, seq=32, train__memory_budget=f"{budget}B")
     said = []
     apply_budget(cfg, "cpu", log=said.append)
     t = cfg.train
