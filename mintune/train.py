@@ -47,6 +47,7 @@ from .heads import add_classification_head, fit_classification_head
 from .hf import load_model, parse_device, save_pretrained
 from .loss import batch_loss, count_predictions
 from .methods import apply_method, check_gradient_flow, print_trainable_parameters
+from .plan import apply_budget
 from .recipe import Config, TrainSection, check, help_text, load_config, suggest
 from .rundir import RunDir, run_record
 from .report import MetricsLog, brief, format_summary, peak_memory_mib, plot_metrics, sample_answers, scalars
@@ -134,6 +135,8 @@ def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
     np.random.seed(t.seed)
     device = parse_device(cfg.model.device)
     where = model_dir(cfg.model.path)
+    if t.memory_budget:  # micro-batch, accumulation, checkpointing and loss chunks chosen to fit (plan.py)
+        apply_budget(cfg, device.type, log)
     record = run_record(cfg, where)
     changes = rundir.check_resume(record) if rundir.resume else {}
     tok = load_tokenizer(where)
@@ -150,7 +153,7 @@ def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
     tok.check_fits(model.cfg.vocab_size, where / "config.json")
     apply_recipe_method(model, cfg, tok, tasks)
     _check_lengths(model, tasks)
-    model.recompute_every = t.gradient_checkpointing
+    model.recompute_every, model.loss_chunk = t.gradient_checkpointing, t.loss_chunk
     trainable_line = print_trainable_parameters(model)
     rundir.start(record)
     steps = t.max_steps if cfg.method.name != "feature" else 0  # feature-based transfer takes no steps
