@@ -293,6 +293,7 @@ class GPT(nn.Module):
         self.prompt = None  # prompt tuning installs a soft prompt here
         self.head = None    # a classification head (heads.py) goes here
         self.recompute_every = 0  # gradient checkpointing: every k-th block (1: all), 0: none
+        self.loss_chunk = 0       # the LM head and loss over this many positions at a time (loss.py), 0: all at once
         self.quantization = None   # {"bits": 8, "group_size": ...} once the block linears are int8 (quant.py)
         self.methods: dict[str, dict] = {}  # fine-tuning methods applied, in order, with their settings
         self.warned_length = False  # a sequence past max_position_embeddings was warned about (rotary)

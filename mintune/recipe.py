@@ -68,6 +68,8 @@ class TrainSection:
     max_grad_norm: float = 1.0     # clip the global gradient norm (0: no clipping)
     precision: str = "fp32"        # fp32, or autocast in bf16 or fp16 (fp16 with loss scaling)
     gradient_checkpointing: int = 0  # recompute every k-th block in backward instead of keeping it (1: all; 0: off)
+    loss_chunk: int = 0            # LM head + loss over this many positions at a time: no full logits (0: off)
+    memory_budget: str = ""        # e.g. "6GiB": choose micro-batch, accumulation, checkpointing to fit ("": off)
     eval_every: int = 50           # steps between evaluations (0: only before and after)
     eval_batch_size: int = 16      # rows per evaluation batch
     exact_match_limit: int = 64    # instruction tasks: validation rows answered by generation (0: none)
@@ -127,7 +129,8 @@ RANGES = {  # the numbers with limits: ">= 0", "> 0", or an interval ("(0, 1)" l
     "data.validation_fraction": "(0, 1)", "data.weight": "> 0", "data.seed": ">= 0",
     "train.batch_size": ">= 1", "train.grad_accum": ">= 1", "train.max_steps": ">= 0", "train.lr": ">= 0",
     "train.weight_decay": ">= 0", "train.warmup_steps": ">= 0", "train.min_lr_ratio": "[0, 1]",
-    "train.max_grad_norm": ">= 0", "train.gradient_checkpointing": ">= 0", "train.eval_every": ">= 0",
+    "train.max_grad_norm": ">= 0", "train.gradient_checkpointing": ">= 0", "train.loss_chunk": ">= 0",
+    "train.eval_every": ">= 0",
     "train.eval_batch_size": ">= 1", "train.exact_match_limit": ">= 0", "train.save_every": ">= 0",
     "train.keep_last": ">= 0", "train.log_every": ">= 0", "train.patience": ">= 1",
     "train.seed": "[0, 4294967295]", "train.samples": ">= 0",
@@ -261,6 +264,10 @@ def _check_together(cfg: Config) -> None:
                          "AdamW's float16 state turns the weights non-finite at any learning rate (its epsilon, "
                          "1e-8, is 0 in float16); set model.dtype = \"float32\" or \"bfloat16\" "
                          "(train.precision = \"fp16\" still computes in float16)")
+    if t.memory_budget:
+        from .plan import parse_size  # plan.py reads recipes: imported here, not at the top
+
+        parse_size(t.memory_budget, "train.memory_budget")
     cfg.data.tasks()  # every task of data.mix resolves, with its kind, classifier and truncation
 
 

@@ -52,6 +52,7 @@ from .heads import add_classification_head, fit_classification_head
 from .hf import load_model, parse_device, save_pretrained
 from .loss import batch_loss, count_predictions
 from .methods import apply_method, check_gradient_flow, print_trainable_parameters
+from .plan import apply_budget
 from .recipe import Config, TrainSection, check, help_text, load_config, suggest
 from .rundir import RunDir, run_record
 from .report import MetricsLog, brief, format_summary, peak_memory_mib, plot_metrics, sample_answers, scalars
@@ -145,6 +146,8 @@ def prepare(cfg: Config, rundir: RunDir, par: Parallel | None = None, log=print)
     device = par.device
     par.on_main(model_dir, cfg.model.path)  # a model to fetch is fetched once
     where = model_dir(cfg.model.path)
+    if t.memory_budget:  # micro-batch, accumulation, checkpointing and loss chunks chosen to fit (plan.py)
+        apply_budget(cfg, device.type, log)
     record = run_record(cfg, where) if par.is_main else {}
     changes = par.on_main(rundir.check_resume, record) if rundir.resume else {}
     tok = load_tokenizer(where)
@@ -161,7 +164,7 @@ def prepare(cfg: Config, rundir: RunDir, par: Parallel | None = None, log=print)
     tok.check_fits(model.cfg.vocab_size, where / "config.json")
     apply_recipe_method(model, cfg, tok, tasks)
     _check_lengths(model, tasks)
-    model.recompute_every = t.gradient_checkpointing
+    model.recompute_every, model.loss_chunk = t.gradient_checkpointing, t.loss_chunk
     trainable_line = print_trainable_parameters(model)
     par.wrap(model, cfg)
     par.on_main(rundir.start, record)
