@@ -87,9 +87,19 @@ def _batches(examples, batch_size):
         yield examples[i:i + batch_size]
 
 
-@torch.no_grad()
 def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
     """Mean loss over the labelled tokens (or the rows, for a classification head) and its perplexity."""
+    return _mean_loss(*eval_loss_sum(model, examples, pad_id, batch_size))
+
+
+def _mean_loss(total: float, count: int) -> dict:
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+@torch.no_grad()
+def eval_loss_sum(model: GPT, examples, pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """(sum of the losses, number of predictions) over the examples (0, 0 for none)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -101,8 +111,7 @@ def eval_loss(model: GPT, examples, pad_id: int, batch_size: int = 8) -> dict:
             total, count = total + loss.item(), count + n
     finally:
         model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+    return total, count
 
 
 def predict_classes(model: GPT, examples, pad_id: int, batch_size: int = 8) -> list[int]:
@@ -159,10 +168,20 @@ def class_scores(model: GPT, examples, pad_id: int, batch_size: int = 8) -> torc
 def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) -> dict:
     """Accuracy, macro precision / recall / F1 and the confusion matrix (rows: true label, columns:
     predicted label)."""
-    k = len(labels)
+    return confusion_metrics(confusion_matrix(pred, gold, len(labels)))
+
+
+def confusion_matrix(pred: list[int], gold: list[int], k: int) -> list[list[int]]:
+    """confusion[true label][predicted label]: how many examples."""
     confusion = [[0] * k for _ in range(k)]
     for p, g in zip(pred, gold):
         confusion[g][p] += 1
+    return confusion
+
+
+def confusion_metrics(confusion: list[list[int]]) -> dict:
+    """classification_metrics from a confusion matrix (summed over processes, it gives the same numbers)."""
+    k = len(confusion)
     precision, recall, f1 = [], [], []
     for c in range(k):
         tp = confusion[c][c]
@@ -173,7 +192,7 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
         precision.append(p)
         recall.append(r)
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
-    return {"accuracy": sum(confusion[c][c] for c in range(k)) / max(len(gold), 1),
+    return {"accuracy": sum(confusion[c][c] for c in range(k)) / max(sum(map(sum, confusion)), 1),
             "precision": sum(precision) / k, "recall": sum(recall) / k, "macro_f1": sum(f1) / k,
             "confusion": confusion}
 
@@ -199,7 +218,8 @@ def exact_match(model: GPT, tok, examples, batch_size: int = 8, max_new_tokens: 
             hits += answer.strip() == ref.strip()
             if len(samples) < 3:
                 samples.append({"answer": answer.strip(), "reference": ref.strip()})
-    return {"exact_match": hits / max(len(examples), 1), "samples": samples}
+    return {"exact_match": hits / max(len(examples), 1), "hits": hits, "samples": samples}
+
 
 def task_metrics(task, exact_match_limit: int) -> list[str]:
     """The metrics `evaluate_tasks` measures for a task, by their names after "<task>/"."""
@@ -215,12 +235,27 @@ def metric_names(tasks, exact_match_limit: int, retention: bool) -> list[str]:
     return names + (["retention/perplexity"] if retention else [])
 
 
+class Share:
+    """Which part of an evaluation this process takes, and how the parts' sums are added up. One process
+    takes everything as it is; distributed.py gives each process of a run its slice and an all-reduce,
+    so that N processes report the numbers one process would."""
+
+    def take(self, items: list) -> list:
+        return items
+
+    def add_up(self, sums: list[float]) -> list[float]:
+        return sums
+
+
 def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_size: int = 16,
-                   exact_match_limit: int = 64, retention: list[str] = (), max_length: int | None = None) -> dict:
+                   exact_match_limit: int = 64, retention: list[str] = (), max_length: int | None = None,
+                   share: Share = Share()) -> dict:
     """Every metric of every task on a split ("validation" or "test"), as {"<task>/<metric>": value}:
     loss (and perplexity for causal LM), classification metrics, exact match of up to
     `exact_match_limit` generated answers for instruction tasks, and the perplexity of the
-    `retention` texts (general text: how much the model forgets). Leaves the RNG where it was."""
+    `retention` texts (general text: how much the model forgets). Leaves the RNG where it was.
+    Each metric comes from sums over the examples (losses and counts, a confusion matrix, exact-match
+    hits): `share` says which examples this process sums over, and adds the processes' sums up."""
     metrics = {}
     with torch.random.fork_rng(devices=[]):
         for task in tasks:
@@ -228,21 +263,47 @@ def evaluate_tasks(model: GPT, tok, tasks, split: str = "validation", *, batch_s
             if not examples or (task.cfg.classifier == "head" and model.head is None
                                 and task.cfg.kind == "classification"):
                 continue  # nothing to evaluate (a head that feature-based transfer has not fitted yet)
-            name, wanted = task.cfg.name, task_metrics(task, exact_match_limit)
-            m = eval_loss(model, examples, tok.pad_id, batch_size)
-            metrics[f"{name}/loss"] = m["loss"]
-            if "perplexity" in wanted:
-                metrics[f"{name}/perplexity"] = m["perplexity"]
-            if "accuracy" in wanted:
-                pred = predict_classes(model, examples, tok.pad_id, batch_size)
-                cm = classification_metrics(pred, [e.class_label for e in examples], task.labels)
-                metrics.update({f"{name}/{k}": v for k, v in cm.items()})
-            if "exact_match" in wanted:
-                em = exact_match(model, tok, examples[:exact_match_limit], batch_size)
-                metrics[f"{name}/exact_match"] = em["exact_match"]
+            sums = share.add_up(_task_sums(model, tok, task, examples, share, batch_size, exact_match_limit))
+            metrics.update(_task_metrics(task, sums, exact_match_limit))
         if retention:
-            nll, n = token_nll(model, [tok.encode(x) for x in retention], batch_size, max_length=max_length)
+            mine = [tok.encode(x) for x in share.take(retention)]
+            sums = token_nll(model, mine, batch_size, max_length) if any(len(x) >= 2 for x in mine) else (0.0, 0)
+            nll, n = share.add_up(list(sums))
             metrics["retention/perplexity"] = math.exp(nll / n)
+    return metrics
+
+
+def _task_sums(model: GPT, tok, task, examples, share: Share, batch_size: int, exact_match_limit: int) -> list:
+    """This process's sums for one task: [loss sum, predictions, the confusion matrix row by row
+    (classification), exact-match hits and answers asked (instructions)]."""
+    wanted = task_metrics(task, exact_match_limit)
+    mine = share.take(examples)
+    sums = list(eval_loss_sum(model, mine, tok.pad_id, batch_size))
+    if "accuracy" in wanted:
+        pred = predict_classes(model, mine, tok.pad_id, batch_size) if mine else []
+        confusion = confusion_matrix(pred, [e.class_label for e in mine], len(task.labels))
+        sums += [n for row in confusion for n in row]
+    if "exact_match" in wanted:
+        asked = share.take(examples[:exact_match_limit])
+        sums += [exact_match(model, tok, asked, batch_size)["hits"], len(asked)]
+    return sums
+
+
+def _task_metrics(task, sums: list, exact_match_limit: int) -> dict:
+    """A task's metrics from its sums (as `_task_sums` lists them, added up over the processes)."""
+    name, wanted = task.cfg.name, task_metrics(task, exact_match_limit)
+    loss = _mean_loss(sums[0], sums[1])
+    metrics = {f"{name}/loss": loss["loss"]}
+    if "perplexity" in wanted:
+        metrics[f"{name}/perplexity"] = loss["perplexity"]
+    rest = sums[2:]
+    if "accuracy" in wanted:
+        k = len(task.labels)
+        confusion = [[int(n) for n in rest[i * k:(i + 1) * k]] for i in range(k)]
+        metrics.update({f"{name}/{key}": v for key, v in confusion_metrics(confusion).items()})
+        rest = rest[k * k:]
+    if "exact_match" in wanted:
+        metrics[f"{name}/exact_match"] = rest[0] / max(rest[1], 1)
     return metrics
 
 

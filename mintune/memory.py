@@ -123,6 +123,7 @@ def measure_step(model, train, seq: int, steps: int = 2, explain: bool = False) 
     nothing else (no gradients yet). The second step is the first with the optimizer's state."""
     from types import SimpleNamespace
 
+    from .distributed import Parallel
     from .train import _optimizer, optimizer_step
 
     device = next(model.parameters()).device
@@ -132,7 +133,8 @@ def measure_step(model, train, seq: int, steps: int = 2, explain: bool = False) 
     optimizer, scaler = _optimizer(model, train, device)
     run = SimpleNamespace(cfg=SimpleNamespace(train=train), model=model, optimizer=optimizer, scaler=scaler,
                           mixer=_SameBatches(seq, model.cfg.vocab_size), tok=SimpleNamespace(pad_id=0),
-                          device=device, state={"tokens": 0, "skipped_steps": 0}, log=print)
+                          device=device, state={"tokens": 0, "skipped_steps": 0}, log=print,
+                          par=Parallel(device=device, model=model))  # one process
     with LiveBytes(model, optimizer, device=device, explain=explain) as live:
         for step in range(steps):
             optimizer_step(run, step)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapters import apply_adapters
+from .distributed import any_nonzero
 from .heads import add_classification_head
 from .hf import NAME_MAPS
 from .lora import apply_lora
@@ -128,9 +129,9 @@ def check_gradient_flow(model: GPT, loss_fn) -> None:
                 frozen_with_grad.append(name)
         elif p.grad is None:
             no_grad.append(name)
-        elif not bool((p.grad != 0).any()):
+        elif not any_nonzero(p.grad):  # any_nonzero: across the shards of FSDP's weights too
             partner = named.get(_zero_start_partner(name))
-            if partner is None or bool((partner != 0).any()):
+            if partner is None or any_nonzero(partner):
                 zero_grad.append(name)
     model.zero_grad(set_to_none=True)
     problems = []

@@ -83,6 +83,7 @@ class TrainSection:
     seed: int = 0                  # model initialisation of new weights, dropout, data order
     test_before: bool = True       # also evaluate the test split before training
     samples: int = 3               # test (or validation) prompts answered at the end to show the result
+    parallel: str = "ddp"          # under torchrun: "ddp" (every process holds the model) or "fsdp" (sharded)
 
 
 @dataclass
@@ -118,6 +119,7 @@ CHOICES = {  # the fields that take one of a few words
     "train.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 RANGES = {  # the numbers with limits: ">= 0", "> 0", or an interval ("(0, 1)" leaves out both ends)
     "model.group_size": ">= 0",

@@ -15,6 +15,12 @@ Two details decide whether it is correct:
   adapters inside the block would silently get no gradient.
 - The RNG state is saved before the forward and restored for the recomputation, so dropout draws
   the same masks twice; it is restored afterwards so that the rest of training is unaffected.
+
+Under FSDP (distributed.py) the parameters passed in are the process's shards; the block's forward
+all-gathers whole copies, and those are what the recomputed graph uses. Their gradients must land on
+the copies, where FSDP reduce-scatters them into the shards: the backward of a sharded block runs
+`torch.autograd.backward` (accumulating into every leaf, as a nested backward) instead of returning
+the parameters' gradients.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class RecomputedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, rope, keys, x, *params):
         ctx.block, ctx.rope, ctx.keys, ctx.params = block, rope, keys, params
+        ctx.sharded = _sharded(block)
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.cpu_rng = torch.get_rng_state()
@@ -45,6 +52,9 @@ class RecomputedBlock(torch.autograd.Function):
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
                 y = ctx.block(x, ctx.rope, ctx.keys)
+        if ctx.sharded:
+            torch.autograd.backward(y, grad_y)   # into x.grad and the gathered parameters' .grad (FSDP's)
+            return (None, None, None, x.grad, *[None] * len(ctx.params))
         inputs = ([x] if x.requires_grad else []) + list(ctx.params)
         grads = list(torch.autograd.grad(y, inputs, grad_y, allow_unused=True))
         grad_x = grads.pop(0) if x.requires_grad else None
@@ -55,3 +65,12 @@ def recompute_block(block, x: torch.Tensor, rope, keys) -> torch.Tensor:
     """block(x, rope, keys), its activations recomputed in backward instead of stored."""
     params = [p for p in block.parameters() if p.requires_grad]
     return RecomputedBlock.apply(block, rope, keys, x, *params)
+
+
+def _sharded(block) -> bool:
+    """Whether FSDP2 shards the block's parameters (distributed.py)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(block, FSDPModule)

@@ -20,19 +20,23 @@ SHOWN = ("accuracy", "macro_f1", "loss", "exact_match", "perplexity")  # metrics
 
 
 class MetricsLog:
-    """metrics.jsonl, appended a line at a time, and the rows of this run kept in memory for the plot."""
+    """metrics.jsonl, appended a line at a time, and the rows of this run kept in memory for the plot.
+    Without a path (the processes other than 0 of a distributed run) nothing is read or written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path, self.rows = path, []
 
     def start(self) -> None:
         """A new run: no rows."""
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
         self.rows = []
 
     def resume(self, step: int, log=print) -> None:
         """A resumed run: keep the rows up to `step` (those after it belong to the lost part of the run).
         A line that is not a whole row (the last one, torn by a kill) is dropped with a warning."""
+        if self.path is None:
+            return
         lines = read_text(self.path).splitlines() if self.path.exists() else []
         kept = []
         for n, line in enumerate(lines, start=1):
@@ -47,6 +51,8 @@ class MetricsLog:
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
+        if self.path is None:
+            return
         line = json.dumps(row) + "\n"
         with disk_full_named(self.path, len(line)), open(self.path, "a", encoding="utf-8") as f:
             f.write(line)

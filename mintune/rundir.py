@@ -42,7 +42,7 @@ REPLACED = ".replaced-"
 # settings that change no number of the run: they may differ on --resume
 FREE = {"model.device", "train.eval_every", "train.eval_batch_size", "train.exact_match_limit",
         "train.save_every", "train.keep_last", "train.log_every", "train.samples", "train.test_before",
-        "train.gradient_checkpointing"}
+        "train.gradient_checkpointing", "train.parallel"}
 # where the inputs live: the fingerprints say whether they are the same, so a moved file may move
 LOCATIONS = {"model.path", "data.train", "data.validation", "data.test", "train.retention"}
 SAMPLE = 4096  # bytes hashed at each end of every tensor (with every file's size and header)

@@ -6,10 +6,12 @@
     python -m mintune.train CONFIG.toml --resume --allow-change=train.lr,train.max_steps   # with new values
     python -m mintune.train CONFIG.toml --overwrite  # replace the run in train.output_dir
     python -m mintune.train -h                       # every field, with its default and meaning
+    torchrun --nproc_per_node=N -m mintune.train CONFIG.toml [--train.parallel=fsdp]   # N processes (distributed.py)
 
 A run, as `train()` reads:
 
-    claim the output directory          locked; a run there is refused without --resume / --overwrite (rundir.py)
+    claim the output directory          locked; a run there is refused without --resume / --overwrite (rundir.py);
+                                        under torchrun, process 0 claims it for all (distributed.py)
     run = prepare(cfg)                  model, tokenizer, data, method, optimizer (recipe.py: the config);
                                         with --resume, first the same recipe, model and data as the run's
     begin(run, resume)                  evaluate before training, or restore the last whole checkpoint
@@ -23,6 +25,8 @@ The batches of one step are drawn first, so the loss is normalised by all their 
 8 x 1 and 2 x 4 give the same update. Every `save_every` steps a checkpoint (trainable weights,
 optimizer, loss scaler, RNGs, data position) lets `--resume` continue bit for bit. Weights that are not
 finite are never saved; docs/files-and-safety.md says what a run promises about the files it touches.
+Under torchrun every process runs this loop on its rows of each step; `run.par` (distributed.py) holds
+what differs: DDP or FSDP around the model, the sums across processes, process 0's writing.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import torch
 from .adapter_files import save_adapter
 from .cli import Interrupted, run_command
 from .data import DataError, Mixer, collate, dry_run, load_task, resolve
+from .distributed import Parallel, Stopped, is_main_process, start
 from .evaluate import check_texts, evaluate_tasks, metric_names, read_texts
 from .fetch import model_dir
 from .files import write_json
@@ -52,7 +57,7 @@ from .recipe import Config, TrainSection, check, help_text, load_config, suggest
 from .rundir import RunDir, run_record
 from .report import MetricsLog, brief, format_summary, peak_memory_mib, plot_metrics, sample_answers, scalars
 from .tokenizer import load_tokenizer
-from .trainstate import latest_checkpoint, load_checkpoint, save_checkpoint
+from .trainstate import latest_checkpoint, save_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -82,6 +87,7 @@ class Run:
     state: dict = field(default_factory=lambda: {"best": None, "bad_evals": 0, "skipped_steps": 0,
                                                  "tokens": 0, "train_seconds": 0.0})
     log: object = print
+    par: Parallel = field(default_factory=Parallel)  # this process's part (distributed.py): alone by default
 
     @property
     def out(self) -> Path:
@@ -94,8 +100,10 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=pri
     resume: continue the run in OUTPUT_DIR from its last checkpoint (`allow_changes`: the training
     settings, e.g. "train.lr", that may differ from the run's); overwrite: replace the run there."""
     check(cfg)
-    with RunDir(Path(cfg.train.output_dir), resume, overwrite, allow_changes, log).claimed() as rundir:
-        run = prepare(cfg, rundir, log)
+    with start(cfg) as par, par.claimed(RunDir(Path(cfg.train.output_dir), resume, overwrite, allow_changes,
+                                                   log)) as rundir:  # under torchrun: process 0 claims it
+        run = prepare(cfg, rundir, par, log if par.is_main else _quiet)
+        show_progress &= par.is_main
         begin(run, resume)
         if cfg.method.name == "feature":
             fit_feature_head(run)
@@ -126,19 +134,22 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True, log=pri
 
 # --------------------------------------------------------------------------- the steps of a run
 
-def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
+def prepare(cfg: Config, rundir: RunDir, par: Parallel | None = None, log=print) -> Run:
     """Seed everything, read the data, load the model, apply the method, build the optimizer. With
-    --resume, first check that the recipe and its inputs are the run's (rundir.py)."""
+    --resume, first check that the recipe and its inputs are the run's (rundir.py). Under torchrun the
+    model then goes to DDP or FSDP (distributed.py), and process 0 alone checks and writes the directory."""
     t = cfg.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    device = parse_device(cfg.model.device)
+    par = par or Parallel(device=parse_device(cfg.model.device))
+    device = par.device
+    par.on_main(model_dir, cfg.model.path)  # a model to fetch is fetched once
     where = model_dir(cfg.model.path)
     if t.memory_budget:  # micro-batch, accumulation, checkpointing and loss chunks chosen to fit (plan.py)
         apply_budget(cfg, device.type, log)
-    record = run_record(cfg, where)
-    changes = rundir.check_resume(record) if rundir.resume else {}
+    record = run_record(cfg, where) if par.is_main else {}
+    changes = par.on_main(rundir.check_resume, record) if rundir.resume else {}
     tok = load_tokenizer(where)
     tasks = [load_task(task_cfg, tok) for task_cfg in cfg.data.tasks()]
     for task in tasks:
@@ -148,19 +159,21 @@ def prepare(cfg: Config, rundir: RunDir, log=print) -> Run:
     retention = read_texts(resolve(t.retention)) if t.retention else []
     if retention:
         check_texts([tok.encode(x) for x in retention], f"train.retention = {t.retention!r}: ")
-    model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
+    model = load_model(where, dtype=cfg.model.dtype, device=par.load_device(), quantize=cfg.model.quantize or None,
                        group_size=cfg.model.group_size or None)
     tok.check_fits(model.cfg.vocab_size, where / "config.json")
     apply_recipe_method(model, cfg, tok, tasks)
     _check_lengths(model, tasks)
     model.recompute_every, model.loss_chunk = t.gradient_checkpointing, t.loss_chunk
     trainable_line = print_trainable_parameters(model)
-    rundir.start(record)
+    par.wrap(model, cfg)
+    par.on_main(rundir.start, record)
     steps = t.max_steps if cfg.method.name != "feature" else 0  # feature-based transfer takes no steps
     optimizer, scaler = _optimizer(model, t, device) if steps else (None, None)
     summary = {"trainable": trainable_line, "model": str(where), "method": cfg.method.name}
+    metrics = MetricsLog(rundir.path / "metrics.jsonl" if par.is_main else None)
     return Run(cfg, rundir, device, where, model, tok, tasks, retention, Mixer(tasks, t.seed), optimizer, scaler,
-               MetricsLog(rundir.path / "metrics.jsonl"), summary, steps, changes=changes, log=log)
+               metrics, summary, steps, changes=changes, log=log, par=par)
 
 
 def _check_early_stopping(cfg: Config, tasks) -> None:
@@ -212,13 +225,18 @@ def begin(run: Run, resume: bool) -> None:
     (newer damaged ones are set aside with a warning), and record the settings that changed."""
     if resume:
         checkpoints = run.out / "checkpoints"
-        ckpt = latest_checkpoint(checkpoints, set_aside_damaged=True, log=run.log)
+        ckpt = run.par.on_main(latest_checkpoint, checkpoints, set_aside_damaged=True, log=run.log)
         if ckpt is None:
             damaged = sorted(p.name for p in checkpoints.glob("damaged-*"))
             raise TrainingError(f"--resume: no usable checkpoint in {checkpoints}"
                                 + (f" (damaged ones set aside: {', '.join(damaged)})" if damaged else
                                    " (set train.save_every to write some)"))
-        saved = load_checkpoint(ckpt, run.model, run.optimizer, run.scaler)
+        ckpt = Path(ckpt)
+        saved = run.par.restore(ckpt, run.model, run.optimizer, run.scaler)
+        if saved.get("processes", 1) != run.par.world:
+            run.log(f"note: {ckpt} was written by {saved.get('processes', 1)} process(es), this run has "
+                    f"{run.par.world}: a step now takes {run.par.world} x train.batch_size rows, and dropout "
+                    "draws other masks than the run would have")
         run.mixer.load_state_dict(saved["data"])
         run.start, run.state = saved["step"], saved["loop"]
         run.summary.update(saved.get("summary", {}))
@@ -239,7 +257,7 @@ def begin(run: Run, resume: bool) -> None:
 
 def preflight(run: Run) -> None:
     """Every trainable tensor gets a gradient, and no frozen one does, on a probe batch (no dropout, no
-    random numbers drawn, so the run is the same with or without it)."""
+    random numbers drawn, so the run is the same with or without it). Each process checks its model."""
     probe = _to(collate(Mixer(run.tasks, run.cfg.train.seed).batch(min(run.cfg.train.batch_size, 4)),
                         run.tok.pad_id), run.device)
     with torch.random.fork_rng(devices=[]):
@@ -249,27 +267,29 @@ def preflight(run: Run) -> None:
 
 def optimizer_step(run: Run, step: int) -> dict | None:
     """Optimizer step `step` (0-based): {"loss", "lr", "grad_norm"}, or None when it was skipped."""
-    t, model, optimizer, scaler = run.cfg.train, run.model, run.optimizer, run.scaler
+    t, optimizer, scaler, par = run.cfg.train, run.optimizer, run.scaler, run.par
     lr = lr_at(step, t)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    micro = [_to(collate(run.mixer.batch(t.batch_size), run.tok.pad_id), run.device) for _ in range(t.grad_accum)]
+    # every process draws the same rows; each takes its batch_size of every micro-batch (par.rows)
+    micro = [collate(run.mixer.batch(t.batch_size * par.world), run.tok.pad_id) for _ in range(t.grad_accum)]
     total = sum(count_predictions(b) for b in micro)  # predictions in the whole step: the loss's denominator
     step_loss = 0.0
-    for b in micro:
-        with _autocast(run.device, t.precision):
-            loss_sum, _ = batch_loss(model, b)
-        loss = loss_sum / max(total, 1)
-        if not torch.isfinite(loss):
+    for i, b in enumerate(micro):
+        with par.no_sync_unless(last=i == len(micro) - 1):
+            with _autocast(run.device, t.precision):
+                loss_sum, _ = par.forward(batch_loss, _to(par.rows(b), run.device))
+            loss = loss_sum / max(total, 1)
+            scaler.scale(loss * par.world).backward()  # DDP and FSDP average the processes' gradients
+        value = par.sum(loss.detach()).item()  # over every process's rows
+        if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
-            return _non_finite(run, step, f"the loss is not finite ({loss.item()})")
-        scaler.scale(loss).backward()
-        step_loss += loss.item()
+            return _non_finite(run, step, f"the loss is not finite ({value})")
+        step_loss += value
         run.state["tokens"] += int(b["attention_mask"].sum())
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for g in optimizer.param_groups for p in g["params"]],
-        t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
+    grad_norm = par.clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]],
+                                   t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's loss scaler skips such steps itself
         optimizer.zero_grad(set_to_none=True)
         return _non_finite(run, step, f"the gradient norm is not finite ({grad_norm})")
@@ -292,14 +312,15 @@ def after_step(run: Run, completed: int, stats: dict) -> str | None:
             return f"early stopping: {t.early_stopping_metric} did not improve for {t.patience} evaluations"
     if t.save_every and completed % t.save_every == 0:
         _require_finite(run, f"the checkpoint of step {completed}")
-        save_checkpoint(run.out / "checkpoints", completed, run.model, run.optimizer, run.scaler,
-                        {"data": run.mixer.state_dict(), "loop": run.state, "summary": run.summary}, t.keep_last)
+        save = run.par.save_sharded if run.par.world > 1 else save_checkpoint  # under torchrun: every process
+        save(run.out / "checkpoints", completed, run.model, run.optimizer, run.scaler,
+             {"data": run.mixer.state_dict(), "loop": run.state, "summary": run.summary}, t.keep_last)
     return None
 
 
 def finish(run: Run, completed: int, stop_reason: str) -> dict:
     """Evaluate, save what was trained, answer a few prompts, write the summary; returns it."""
-    model, out, s = run.model, run.out, run.summary
+    model, s = run.model, run.summary
     model.eval()
     after = evaluate(run)
     run.metrics.record({"kind": "eval", "step": completed, **after})
@@ -310,18 +331,32 @@ def finish(run: Run, completed: int, stop_reason: str) -> dict:
     if any(task.test for task in run.tasks):
         s["test_after"] = scalars(evaluate(run, "test"))
     _require_finite(run, "the trained weights")
-    if run.cfg.method.name == "full":
-        save_pretrained(model, out / "model")
-        run.tok.save(out / "model")
-        s["saved"] = str(out / "model")
-    else:
-        s["saved"] = str(save_adapter(model, out / "adapter"))
-    s["samples"] = sample_answers(model, run.tok, run.tasks, run.cfg.train.samples)
-    if plot_metrics(run.metrics.rows, out / "metrics.png"):
-        s["plot"] = str(out / "metrics.png")
-    write_json(out / "summary.json", s)
-    run.rundir.finished()
+    s["saved"] = _save_trained(run)
+    with run.par.whole_model():
+        s["samples"] = sample_answers(model, run.tok, run.tasks, run.cfg.train.samples) if run.par.is_main else []
+    run.par.on_main(_write_summary, run)
     return s
+
+
+def _save_trained(run: Run) -> str:
+    """The full model (save_pretrained) or what the method trained (save_adapter), written by process 0."""
+    out = run.out / ("model" if run.cfg.method.name == "full" else "adapter")
+    with run.par.trained_weights():  # FSDP: whole on process 0
+        if run.par.is_main and run.cfg.method.name == "full":
+            save_pretrained(run.model, out)
+            run.tok.save(out)
+        elif run.par.is_main:
+            save_adapter(run.model, out)
+    return str(out)
+
+
+def _write_summary(run: Run) -> None:
+    """The plot and summary.json (process 0); the run is complete."""
+    s = run.summary
+    if plot_metrics(run.metrics.rows, run.out / "metrics.png"):
+        s["plot"] = str(run.out / "metrics.png")
+    write_json(run.out / "summary.json", s)
+    run.rundir.finished()
 
 
 # --------------------------------------------------------------------------- helpers of the steps
@@ -329,10 +364,11 @@ def finish(run: Run, completed: int, stop_reason: str) -> dict:
 def evaluate(run: Run, split: str = "validation") -> dict:
     """Every metric of every task on a split; the retention perplexity on the validation split only."""
     t = run.cfg.train
-    return evaluate_tasks(run.model, run.tok, run.tasks, split, batch_size=t.eval_batch_size,
-                          exact_match_limit=t.exact_match_limit,
-                          retention=run.retention if split == "validation" else [],
-                          max_length=run.cfg.data.max_length)
+    with run.par.whole_model():  # FSDP: each process evaluates its slice without communicating
+        return evaluate_tasks(run.model, run.tok, run.tasks, split, batch_size=t.eval_batch_size,
+                              exact_match_limit=t.exact_match_limit,
+                              retention=run.retention if split == "validation" else [],
+                              max_length=run.cfg.data.max_length, share=run.par.share())
 
 
 def fit_feature_head(run: Run) -> None:
@@ -372,7 +408,7 @@ def _optimizer(model, t: TrainSection, device: torch.device):
 def _non_finite(run: Run, step: int, what: str) -> None:
     """Optimizer step `step` (0-based) met a non-finite loss or gradient: stop, naming the cause and what
     to do, or (nan_policy = "skip") skip the step, as long as the weights themselves are still finite."""
-    bad = first_non_finite(run.model)
+    bad = first_non_finite(run.model, run.par)
     if bad is None and run.cfg.train.nan_policy == "skip":
         run.state["skipped_steps"] += 1
         run.log(f"step {step + 1}: {what}; step skipped ({run.state['skipped_steps']} so far)")
@@ -399,17 +435,16 @@ def _non_finite_cause(run: Run, step: int, bad: str | None) -> str:
     return "lower train.lr, set train.max_grad_norm > 0, or set train.nan_policy = \"skip\" to skip such steps"
 
 
-def first_non_finite(model) -> str | None:
-    """The name of the first parameter holding a NaN or an infinity (None when all are finite)."""
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            return name
-    return None
+def first_non_finite(model, par: Parallel | None = None) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity (None when all are finite); `par`:
+    look at every process's shard of the weights (distributed.py)."""
+    names, params = zip(*model.named_parameters())
+    return next((name for name, ok in zip(names, (par or Parallel()).finite(params)) if not ok), None)
 
 
 def _require_finite(run: Run, what: str) -> None:
     """Nothing non-finite is ever saved as if it were a result."""
-    bad = first_non_finite(run.model)
+    bad = first_non_finite(run.model, run.par)
     if bad is not None:
         raise TrainingError(f"{what} would hold non-finite weights (first: {bad}); not saved. "
                             f"{last_checkpoint_note(run.out)}")
@@ -432,7 +467,9 @@ def _no_improvement(run: Run, metrics: dict) -> bool:
         state["best"], state["bad_evals"] = value, 0
         if model.methods and "full" not in model.methods:
             _require_finite(run, f"the best adapter so far ({run.out / 'best'})")
-            save_adapter(model, run.out / "best")
+            with run.par.trained_weights():  # FSDP: whole on process 0
+                if run.par.is_main:
+                    save_adapter(model, run.out / "best")
         return False
     state["bad_evals"] += 1
     return state["bad_evals"] >= t.patience
@@ -458,6 +495,10 @@ class TrainClock:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0: nothing."""
 
 
 def _autocast(device: torch.device, precision: str):
@@ -500,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = [a for a in rest if a.startswith("--")]
     return run_command(lambda: _train_command(paths[0] if paths else None, overrides, flags, allowed),
-                       also=(TrainingError, DataError))
+                       also=(TrainingError, DataError, Stopped))
 
 
 def _train_command(path: str | None, overrides: list[str], flags: set[str], allowed: list[str]) -> None:
@@ -514,7 +555,8 @@ def _train_command(path: str | None, overrides: list[str], flags: set[str], allo
         summary = train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags, allow_changes=allowed)
     except KeyboardInterrupt:
         raise Interrupted(last_checkpoint_note(Path(cfg.train.output_dir))) from None
-    print(format_summary(summary))
+    if is_main_process():  # under torchrun, process 0 speaks for all
+        print(format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 A checkpoint is written into a temporary directory, flushed to disk and renamed into place, so a kill
 or a full disk at any moment leaves the previous checkpoints whole; only the last `keep` are kept.
 `latest_checkpoint` skips (and can set aside) a damaged one: a torn state.json, a truncated tensor file.
-No pickle anywhere.
+No pickle anywhere. A run under torchrun writes the same state.json beside its processes' RNG files and
+a sharded/ folder of weights and moments instead (distributed.py); its state.json says how many
+processes wrote it ("processes").
 """
 from __future__ import annotations
 
@@ -53,22 +55,36 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scaler, state: dict
         for name, content in tensors.items():
             with disk_full_named(final / name, tensor_bytes(content)):
                 save_file(content, str(tmp / name))
-        version, internal, gauss = random.getstate()
-        np_state = np.random.get_state()
-        full = dict(state, step=step, scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                    python_rng=[version, list(internal), gauss],
-                    numpy_rng=[np_state[0], np_state[1].tolist(), *np_state[2:]])
-        write_json(tmp / "state.json", full)
+        write_json(tmp / "state.json", state_record(state, step, scaler))
         _flush(tmp)
-        if final.exists():  # the same step saved again (a resumed run): replace it only once complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        put_in_place(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    keep_newest(root, keep)
+    return final
+
+
+def state_record(state: dict, step: int, scaler) -> dict:
+    """What state.json holds: the loop's `state`, the step, the loss scaler and Python's and NumPy's RNGs."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return dict(state, step=step, scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                python_rng=[version, list(internal), gauss],
+                numpy_rng=[np_state[0], np_state[1].tolist(), *np_state[2:]])
+
+
+def put_in_place(tmp: Path, final: Path) -> None:
+    """Rename a complete checkpoint folder into place (replacing the same step saved again by a resumed run)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def keep_newest(root: Path, keep: int) -> None:
+    """Delete all but the last `keep` checkpoints (0: keep all)."""
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
-    return final
 
 
 def _flush(folder: Path) -> None:
@@ -89,11 +105,23 @@ def check_checkpoint(path: Path) -> str:
             return f"{path / 'state.json'} lacks some of {', '.join(STATE_KEYS)}"
         if f"step-{state['step']:08d}" != path.name:
             return f"{path / 'state.json'} says step {state['step']}"
-        for name in TENSOR_FILES:
-            read_safetensors_header(path / name)
+        for file in _tensor_files(path, state):
+            read_safetensors_header(file)
     except (OSError, ValueError, TypeError) as e:
         return str(e)
     return ""
+
+
+def _tensor_files(path: Path, state: dict) -> list[Path]:
+    """The tensor files a checkpoint holds: the three above, or (written by N processes under torchrun)
+    each process's RNG file and the sharded weights and moments."""
+    processes = state.get("processes")
+    if not processes:
+        return [path / name for name in TENSOR_FILES]
+    shards = sorted((path / "sharded").glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{path / 'sharded'} holds no tensor file")
+    return [path / f"rng-rank{r}.safetensors" for r in range(processes)] + shards
 
 
 def latest_checkpoint(root: Path, set_aside_damaged: bool = False, log=print) -> Path | None:
@@ -134,14 +162,19 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
         st = {key.split("::", 1)[1]: t for key, t in moments.items() if key.split("::", 1)[0] == n}
         if st:
             optimizer.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in st.items()}
-    if state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    restore_record(state, scaler)
+    return state
+
+
+def restore_record(state: dict, scaler) -> None:
+    """Put back what `state_record` saved beside the loop's state: the loss scaler, Python's and NumPy's RNGs."""
+    if state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return state
