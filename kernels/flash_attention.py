@@ -136,11 +136,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
 
 
 
-def _plainly_causal(T: int, S: int, causal: bool, window: int | None, key_mask, segment_ids) -> bool:
-    """Whether the contract's mask is just SDPA's `is_causal` (top-left aligned, so T == S), with every
-    key real: then SDPA needs no mask tensor and takes its fastest route."""
-    return (causal and T == S and window is None and segment_ids is None
-            and (key_mask is None or bool(key_mask.all())))
+def _every_key_real(window: int | None, key_mask, segment_ids) -> bool:
+    """Whether only causality hides keys: no window, no packed segments, no padded key."""
+    return window is None and segment_ids is None and (key_mask is None or bool(key_mask.all()))
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = True,
@@ -166,12 +164,13 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     elif k.shape[1] != q.shape[1]:  # torch 2.4: repeat K/V heads as the reference does
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, S, D)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    if _plainly_causal(T, S, causal, window, key_mask, segment_ids):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    if _every_key_real(window, key_mask, segment_ids):
+        if causal and T == S:     # SDPA's own causal mask is ours: no mask tensor, its fastest route
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+        if T == 1 or not causal:  # a decoding step (the last query sees every key), or no mask at all
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
     visible = visible_keys(T, S, causal=causal, window=window, key_mask=key_mask, device=q.device,
                            segment_ids=segment_ids)                 # (B or 1, 1, T, S)
-    if T == 1 and bool(visible.all()):  # a decoding step that sees every cached key: no mask at all
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
     any_visible = visible.any(dim=-1, keepdim=True)                 # (B or 1, 1, T, 1)
     if bool(any_visible.all()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, **gqa)
