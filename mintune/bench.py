@@ -9,7 +9,7 @@ measured in the same process, each fast path checked against its reference befor
     --alternatives: also the configurations each kernel file lists as ALTERNATIVES (compiled, or on a
     GPU verified and timed beside the chosen one, for choosing among them)
     python -m mintune.bench all       [--quick] [--json FILE]  matmul, attention and train
-    python -m mintune.bench cpu [--model DIR] [--rounds N] [--json FILE]  the CPU rows: LoRA training
+    python -m mintune.bench cpu [--model DIR] [--rounds N] [--rows R,..] [--json FILE]  the CPU rows: LoRA training
                                           (with and without checkpointing), forward, greedy and int8
                                           generation, beside transformers + peft (bench_cpu.py)
 
@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the kernel files list as ALTERNATIVES")
     ap.add_argument("--model", default=None, help="cpu: a Llama-family HF directory (default: SmolLM2-135M)")
     ap.add_argument("--rounds", type=int, default=3, help="cpu: alternating timing rounds per row")
+    ap.add_argument("--rows", default="train,forward,generate,int8", help="cpu: which rows, comma-separated")
     args = ap.parse_args(argv)
     if args.what == "cpu":
         return _cpu(args)
@@ -624,7 +625,7 @@ def _cpu(args) -> int:
     env = environment(torch.device("cpu"))
     env["threads"] = torch.get_num_threads()
     print(f"cpu, {env['threads']} threads, torch {env['torch']}, {env['date']}")
-    rows = cpu_rows(args.model, rounds=args.rounds)
+    rows = cpu_rows(args.model, rounds=args.rounds, rows=args.rows.split(","))
     if args.json:
         from .files import write_json
 

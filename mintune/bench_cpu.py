@@ -276,18 +276,24 @@ def _line(row: dict) -> str:
             f"[{row['check']}; {', '.join(f'{op}: {ops.LABELS.get(p, p)}' for op, p in row['path'].items())}]")
 
 
-def cpu_rows(model_dir=None, sizes: dict = FULL, rounds: int = 3, log=print) -> list[dict]:
-    """Every row, mintune beside its baseline; model_dir None: SmolLM2-135M (mintune.fetch)."""
+ROWS = ("train", "forward", "generate", "int8")  # --rows picks among these (train: both training rows)
+
+
+def cpu_rows(model_dir=None, sizes: dict = FULL, rounds: int = 3, log=print, rows=ROWS) -> list[dict]:
+    """The rows named in `rows`, mintune beside its baseline; model_dir None: SmolLM2-135M (mintune.fetch)."""
     if model_dir is None:
         from .fetch import fetch
 
         model_dir = fetch("smollm2")
     log(f"cpu rows: {model_dir}, float32, {torch.get_num_threads()} threads, {rounds} alternating rounds, medians")
-    ours, theirs = load_pair(model_dir)
-    rows = []
-    for make in (lambda: forward_row(ours, theirs, sizes, rounds), lambda: generate_row(ours, theirs, sizes, rounds),
-                 lambda: int8_row(model_dir, ours, sizes, rounds)):
-        rows.append(make())
-        log(_line(rows[-1]))
-    del ours, theirs
-    return train_rows(model_dir, sizes, rounds, log) + rows
+    out = []
+    if {"forward", "generate", "int8"} & set(rows):
+        ours, theirs = load_pair(model_dir)
+        makers = {"forward": lambda: forward_row(ours, theirs, sizes, rounds),
+                  "generate": lambda: generate_row(ours, theirs, sizes, rounds),
+                  "int8": lambda: int8_row(model_dir, ours, sizes, rounds)}
+        for name in (r for r in ROWS if r in rows and r != "train"):
+            out.append(makers[name]())
+            log(_line(out[-1]))
+        del ours, theirs
+    return (train_rows(model_dir, sizes, rounds, log) if "train" in rows else []) + out
