@@ -54,6 +54,10 @@ start first, and in the dK/dV kernel the first key blocks (the most queries): th
 never wait for the end of the launch. Programs of one head run side by side, so they share its K/V
 in L2.
 
+On a CPU, `ops.attention` runs `attention_sdpa`: PyTorch's fused scaled_dot_product_attention with
+the mask `visible_keys` builds (same contract, faster; docs/cpu.md). `attention_reference` stays the
+audit path (MINTUNE_KERNELS=reference) and the oracle both are tested against.
+
 Head dims other than a power of two are padded up inside the kernel (masked loads). Dropout is not
 in the kernel: `ops.attention` sends dropout > 0 to the reference, and says so.
 
@@ -86,6 +90,7 @@ GPU_VERIFIED = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 EVERY_SEGMENT = -2
 LOG2E = 1.4426950408889634
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=
 
 
 def visible_keys(T: int, S: int, *, causal: bool, window: int | None, key_mask: torch.Tensor | None,
@@ -128,6 +133,49 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return (probs.to(v.dtype) @ v).to(q.dtype)                  # (B, Hq, T, D)
+
+
+
+def _every_key_real(window: int | None, key_mask, segment_ids) -> bool:
+    """Whether only causality hides keys: no window, no packed segments, no padded key."""
+    return window is None and segment_ids is None and (key_mask is None or bool(key_mask.all()))
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = True,
+                   key_mask: torch.Tensor | None = None, window: int | None = None,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The same attention through `F.scaled_dot_product_attention` (PyTorch's fused CPU kernel): the
+    fast path on a CPU, chosen in ops.attention. No dropout (SDPA's random mask would not be the
+    reference's). Differs from the reference only in the order of float operations.
+
+    The mask is `visible_keys`, the reference's own, so every case of the contract is expressed
+    exactly (causal with a KV cache or prefix, windows, padding, packed segments, EVERY_SEGMENT keys):
+    SDPA's boolean attn_mask means the same thing, True = may attend. Two cases need care:
+    - `is_causal=True` aligns the diagonal top-left; ours is bottom-right (queries are the last T of S
+      keys), so it is used only when T == S and nothing else hides a key.
+    - a query row that sees no key must output zeros with zero gradients. Such rows are given every
+      key (a finite softmax whatever SDPA's own rule for empty rows is) and the output multiplied by 0.
+    Grouped-query attention uses SDPA's enable_gqa (torch >= 2.5), so K/V are not repeated in memory.
+    """
+    T, S = q.shape[2], k.shape[2]
+    gqa = {}
+    if k.shape[1] != q.shape[1] and _SDPA_HAS_GQA:
+        gqa = {"enable_gqa": True}
+    elif k.shape[1] != q.shape[1]:  # torch 2.4: repeat K/V heads as the reference does
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, S, D)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if _every_key_real(window, key_mask, segment_ids):
+        if causal and T == S:     # SDPA's own causal mask is ours: no mask tensor, its fastest route
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+        if T == 1 or not causal:  # a decoding step (the last query sees every key), or no mask at all
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
+    visible = visible_keys(T, S, causal=causal, window=window, key_mask=key_mask, device=q.device,
+                           segment_ids=segment_ids)                 # (B or 1, 1, T, S)
+    any_visible = visible.any(dim=-1, keepdim=True)                 # (B or 1, 1, T, 1)
+    if bool(any_visible.all()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, **gqa)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~any_visible, scale=scale, **gqa)
+    return y * any_visible.to(y.dtype)                              # empty rows: zeros, zero gradients
 
 
 if triton is not None:

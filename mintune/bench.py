@@ -9,6 +9,9 @@ measured in the same process, each fast path checked against its reference befor
     --alternatives: also the configurations each kernel file lists as ALTERNATIVES (compiled, or on a
     GPU verified and timed beside the chosen one, for choosing among them)
     python -m mintune.bench all       [--quick] [--json FILE]  matmul, attention and train
+    python -m mintune.bench cpu [--model DIR] [--rounds N] [--rows R,..] [--json FILE]  the CPU rows: LoRA training
+                                          (with and without checkpointing), forward, greedy and int8
+                                          generation, beside transformers + peft (bench_cpu.py)
 
 Every timed row names the path it ran ("Triton kernel ..." or "torch reference") and the run stops if
 a different one ran. On a GPU the kernels are first compared with their references (forward and
@@ -577,7 +580,7 @@ def _peft_tokens_per_s(shape, batch, seq, targets, device, dtype) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", default="all", choices=["matmul", "attention", "train", "compile", "all"],
+    ap.add_argument("what", nargs="?", default="all", choices=["matmul", "attention", "train", "compile", "all", "cpu"],
                     help="which benchmark")
     ap.add_argument("--quick", action="store_true", help="a few small shapes")
     ap.add_argument("--json", default=None, help="also write the rows and the environment to this file")
@@ -586,7 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alternatives", action="store_true",
                     help="also compile (compile) or verify and time (matmul, attention, on a GPU) the configurations "
                          "the kernel files list as ALTERNATIVES")
+    ap.add_argument("--model", default=None, help="cpu: a Llama-family HF directory (default: SmolLM2-135M)")
+    ap.add_argument("--rounds", type=int, default=3, help="cpu: alternating timing rounds per row")
+    ap.add_argument("--rows", default="train,forward,generate,int8", help="cpu: which rows, comma-separated")
     args = ap.parse_args(argv)
+    if args.what == "cpu":
+        return _cpu(args)
     if args.what == "compile":
         from mintune.compile_report import run
 
@@ -604,6 +612,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += attention_rows(device, args.quick, verify=not args.no_verify, alternatives=args.alternatives)
     if args.what in ("train", "all"):
         rows += train_rows(device, args.quick)
+    if args.json:
+        from .files import write_json
+
+        write_json(args.json, {"environment": env, "rows": rows})
+    return 0
+
+
+def _cpu(args) -> int:
+    from .bench_cpu import cpu_rows
+
+    env = environment(torch.device("cpu"))
+    env["threads"] = torch.get_num_threads()
+    print(f"cpu, {env['threads']} threads, torch {env['torch']}, {env['date']}")
+    rows = cpu_rows(args.model, rounds=args.rounds, rows=args.rows.split(","))
     if args.json:
         from .files import write_json
 

@@ -63,7 +63,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()  # (..., out)
-        return y + (update * self.scale).to(y.dtype)
+        if update.dtype == y.dtype:  # y + scale·update in one pass (no separate scaled copy)
+            return torch.add(y, update, alpha=self.scale)
+        return y + (update * self.scale).to(y.dtype)  # scaled in float32, then cast to the base's dtype
 
     def delta_weight(self) -> torch.Tensor:
         """scale·B·A, the (out, in) update this adapter adds to the base weight, in float32."""

@@ -151,6 +151,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos[:, None], sin[:, None]                # (B, 1, T, rot)
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)               # pairs (i, i + rot/2) rotate together
+    if x_pass.shape[-1] == 0:                            # the whole head rotates: no copy to join
+        return x_rot * cos + rotated * sin
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 

@@ -2,8 +2,10 @@
 plain-PyTorch reference.
 
     MINTUNE_KERNELS=auto       (default) the kernel for CUDA tensors whose kernel module declares
-                               GPU_VERIFIED = True (its tests/gpu suite passed on a GPU); the reference
-                               for every other tensor, and for kernels whose GPU_VERIFIED is False
+                               GPU_VERIFIED = True (its tests/gpu suite passed on a GPU); for CPU
+                               tensors the op's "torch" path where it has one (a fused PyTorch op that
+                               computes the same contract: see below); the reference for every other
+                               tensor, and for kernels whose GPU_VERIFIED is False
     MINTUNE_KERNELS=reference  the references everywhere: the audit switch
     MINTUNE_KERNELS=triton     the kernels everywhere (on a CPU only with TRITON_INTERPRET=1, for tests)
 
@@ -13,11 +15,21 @@ The ops are:
     dequantize_int8(q, scales)    kernels/int8_matmul.py       (the weight an int8 layer stands for)
     EVERY_SEGMENT                 the segment id of keys that every query sees (prefixes, soft prompts)
 
+The CPU "torch" paths (docs/cpu.md): attention on a CPU tensor runs
+`torch.nn.functional.scaled_dot_product_attention` (PyTorch's fused CPU kernel) with the very
+`visible_keys` mask the reference builds, or `is_causal` when that mask is plainly causal; see
+`attention_sdpa` in kernels/flash_attention.py. int8_linear on a CPU tensor with one scale per output
+row, few float32 rows of x and no gradient (decoding) runs `int8_matmul_cpu`: the int8 weight is
+converted in cache-sized row blocks, so no float copy of the layer is made; see kernels/int8_matmul.py.
+Calls a torch path cannot take (attention dropout, whose random mask would differ; grouped scales;
+a gradient wanted; many rows) run the reference, and the log says why. The int8 "torch" path is
+plain torch ops (a loop of matmuls), named "torch" like the others: not the reference, not a kernel.
+
 This module is the only one that imports from `mintune.kernels`, and it does so on first use: a kernel
 module imports triton, which `import mintune` does not need. The model never calls an implementation
 directly, so kernels swap in (and out, for audits) without touching `model.py`. The first time an op
 runs, the path it took and why is logged on the "mintune.ops" logger (INFO), and every call is
-counted in `calls[(op, path)]` (path "kernel" or "reference"); `recorded()` and `path()` tell a test or
+counted in `calls[(op, path)]` (path "kernel", "torch" or "reference"); `recorded()` and `path()` tell a test or
 a benchmark which implementation a block of code ran.
 """
 from __future__ import annotations
@@ -35,7 +47,9 @@ import torch
 MODES = ("auto", "reference", "triton")
 log = logging.getLogger("mintune.ops")
 _said: set[tuple[str, str]] = set()
-calls: collections.Counter = collections.Counter()  # (op, "kernel" | "reference") -> calls since start
+calls: collections.Counter = collections.Counter()  # (op, "kernel" | "torch" | "reference") -> calls since start
+PATHS = ("kernel", "torch", "reference")
+LABELS = {"kernel": "Triton kernel", "torch": "fused torch op", "reference": "torch reference"}
 
 
 def _kernel_module(name: str) -> ModuleType:
@@ -59,9 +73,10 @@ def recorded():
 
 
 def path(seen: collections.Counter, op: str) -> str:
-    """Which path `op` took in a recorded block: "kernel", "reference", "both" or "not called"."""
-    k, r = seen[(op, "kernel")], seen[(op, "reference")]
-    return "both" if k and r else "kernel" if k else "reference" if r else "not called"
+    """Which path `op` took in a recorded block: "kernel", "torch", "reference", "both" (more than one
+    of them) or "not called"."""
+    taken = [p for p in PATHS if seen[(op, p)]]
+    return taken[0] if len(taken) == 1 else "both" if taken else "not called"
 
 
 def __getattr__(name: str):
@@ -77,33 +92,38 @@ def kernel_mode() -> str:
     return mode
 
 
-def use_kernel(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported: str | None = None) -> bool:
-    """Whether `op` runs its Triton kernel for input x; logs the decision and its reason once.
-    `unsupported`: why the kernel cannot take this call (it then runs the reference, in every mode)."""
+def choose(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported: str | None = None,
+           cpu_torch: str | None = None, no_cpu_torch: str = "no fused torch op for this call") -> str:
+    """Which implementation runs `op` for input x: "kernel", "torch" or "reference"; logs the decision
+    and its reason once, and counts the call.
+    unsupported: why the kernel cannot take this call. cpu_torch: the torch path that computes this
+    call on a CPU tensor (None: there is none for this call, because `no_cpu_torch`)."""
     mode = kernel_mode()
-    if unsupported:
-        choice, why = False, unsupported
-    elif mode == "reference":
-        choice, why = False, "MINTUNE_KERNELS=reference"
+    if mode == "reference":
+        choice, why = "reference", "MINTUNE_KERNELS=reference"
+    elif not x.is_cuda and cpu_torch and mode == "auto":
+        choice, why = "torch", f"{x.device.type} tensor: {cpu_torch}"
+    elif unsupported:
+        choice, why = "reference", unsupported
     elif mode == "triton":
         if not triton_available():
             raise RuntimeError("MINTUNE_KERNELS=triton but triton is not installed")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"MINTUNE_KERNELS=triton with a {x.device.type} tensor needs TRITON_INTERPRET=1 "
                                "(set before triton is imported)")
-        choice, why = True, "MINTUNE_KERNELS=triton"
-    elif not triton_available():
-        choice, why = False, "triton is not installed"
+        choice, why = "kernel", "MINTUNE_KERNELS=triton"
     elif not x.is_cuda:
-        choice, why = False, f"{x.device.type} tensor (kernels run on CUDA)"
+        choice, why = "reference", f"{x.device.type} tensor (kernels run on CUDA; {no_cpu_torch})"
+    elif not triton_available():
+        choice, why = "reference", "triton is not installed"
     elif not gpu_verified:
-        choice, why = False, "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
+        choice, why = "reference", "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
     else:
-        choice, why = True, "CUDA tensor"
+        choice, why = "kernel", "CUDA tensor"
     if (op, why) not in _said:
         _said.add((op, why))
-        log.info("%s: %s (%s)", op, "Triton kernel" if choice else "torch reference", why)
-    calls[(op, "kernel" if choice else "reference")] += 1
+        log.info("%s: %s (%s)", op, LABELS[choice], why)
+    calls[(op, choice)] += 1
     return choice
 
 
@@ -116,10 +136,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         unsupported = "attention dropout is not in the kernel"
     elif q.shape[-1] > 256:
         unsupported = f"head dim {q.shape[-1]} is above the kernel's 256"
+    # SDPA draws its own dropout mask: with dropout the reference runs, so that an audit sees the same
+    cpu_torch = None if dropout_p > 0 else "scaled_dot_product_attention with the reference's mask"
     fa = _kernel_module("flash_attention")
-    if use_kernel("attention", q, fa.GPU_VERIFIED, unsupported):
+    how = choose("attention", q, fa.GPU_VERIFIED, unsupported, cpu_torch, "attention dropout")
+    if how == "kernel":
         return fa.flash_attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
                                   segment_ids=segment_ids)
+    if how == "torch":
+        return fa.attention_sdpa(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
+                                 segment_ids=segment_ids)
     return fa.attention_reference(q, k, v, scale=scale, causal=causal, key_mask=key_mask, window=window,
                                   dropout_p=dropout_p, segment_ids=segment_ids)
 
@@ -128,8 +154,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (q · scales)ᵀ + bias, q int8 (N, K); see kernels/int8_matmul.py."""
     mm = _kernel_module("int8_matmul")
-    if use_kernel("int8_linear", x, mm.GPU_VERIFIED):
+    refusal = mm.cpu_refusal(x, q, scales) if not x.is_cuda else None
+    how = choose("int8_linear", x, mm.GPU_VERIFIED, cpu_torch=None if refusal else "int8_matmul_cpu (blocked)",
+                 no_cpu_torch=refusal or "")
+    if how == "kernel":
         return mm.Int8MatmulFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, q, scales, bias)
+    if how == "torch":
+        return mm.int8_matmul_cpu(x, q, scales, bias)
     return mm.int8_matmul_reference(x, q, scales, bias)
 
 

@@ -146,7 +146,9 @@ def test_dispatch_says_which_path_and_why(monkeypatch, caplog):
         ops.attention(q, q, q, scale=0.25)
         monkeypatch.setenv("MINTUNE_KERNELS", "triton")
         ops.attention(q, q, q, scale=0.25, dropout_p=0.1)
-    assert "attention: torch reference (cpu tensor (kernels run on CUDA))" in caplog.text
+    # auto on a CPU: the fused torch op (SDPA, docs/cpu.md); the reference only where SDPA cannot take it
+    assert "attention: fused torch op (cpu tensor: scaled_dot_product_attention with the reference's mask)" \
+        in caplog.text
     assert "attention: torch reference (attention dropout is not in the kernel)" in caplog.text
 
 
