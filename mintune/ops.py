@@ -92,34 +92,54 @@ def kernel_mode() -> str:
     return mode
 
 
+def decide(device_type: str, gpu_verified: bool = True, unsupported: str | None = None,
+           cpu_torch: str | None = None, no_cpu_torch: str = "no fused torch op for this call") -> tuple[str, str]:
+    """(path, reason) for a call on a `device_type` tensor; `choose` below explains the arguments.
+    Also what mintune.plan asks, before any tensor exists, to know which path's memory to count."""
+    mode, cuda = kernel_mode(), device_type == "cuda"
+    if mode == "reference":
+        return "reference", "MINTUNE_KERNELS=reference"
+    if not cuda and cpu_torch and mode == "auto":
+        return "torch", f"{device_type} tensor: {cpu_torch}"
+    if unsupported:
+        return "reference", unsupported
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("MINTUNE_KERNELS=triton but triton is not installed")
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"MINTUNE_KERNELS=triton with a {device_type} tensor needs TRITON_INTERPRET=1 "
+                               "(set before triton is imported)")
+        return "kernel", "MINTUNE_KERNELS=triton"
+    if not cuda:
+        return "reference", f"{device_type} tensor (kernels run on CUDA; {no_cpu_torch})"
+    if not triton_available():
+        return "reference", "triton is not installed"
+    if not gpu_verified:
+        return "reference", "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
+    return "kernel", "CUDA tensor"
+
+
+def int8_training_path(device_type: str) -> str:
+    """The path ops.int8_linear takes for an input that needs a gradient (the CPU's blocked path only
+    decodes), for planning."""
+    verified = device_type == "cuda" and triton_available() and _kernel_module("int8_matmul").GPU_VERIFIED
+    return decide(device_type, verified, None, None, "training")[0]
+
+
+def attention_path(device_type: str, dropout: bool = False) -> str:
+    """The path ops.attention takes on `device_type` ("kernel", "torch" or "reference"), for planning."""
+    verified = device_type == "cuda" and triton_available() and _kernel_module("flash_attention").GPU_VERIFIED
+    return decide(device_type, verified, "attention dropout is not in the kernel" if dropout else None,
+                  None if dropout else "scaled_dot_product_attention")[0]
+
+
 def choose(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported: str | None = None,
            cpu_torch: str | None = None, no_cpu_torch: str = "no fused torch op for this call") -> str:
     """Which implementation runs `op` for input x: "kernel", "torch" or "reference"; logs the decision
     and its reason once, and counts the call.
     unsupported: why the kernel cannot take this call. cpu_torch: the torch path that computes this
     call on a CPU tensor (None: there is none for this call, because `no_cpu_torch`)."""
-    mode = kernel_mode()
-    if mode == "reference":
-        choice, why = "reference", "MINTUNE_KERNELS=reference"
-    elif not x.is_cuda and cpu_torch and mode == "auto":
-        choice, why = "torch", f"{x.device.type} tensor: {cpu_torch}"
-    elif unsupported:
-        choice, why = "reference", unsupported
-    elif mode == "triton":
-        if not triton_available():
-            raise RuntimeError("MINTUNE_KERNELS=triton but triton is not installed")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"MINTUNE_KERNELS=triton with a {x.device.type} tensor needs TRITON_INTERPRET=1 "
-                               "(set before triton is imported)")
-        choice, why = "kernel", "MINTUNE_KERNELS=triton"
-    elif not x.is_cuda:
-        choice, why = "reference", f"{x.device.type} tensor (kernels run on CUDA; {no_cpu_torch})"
-    elif not triton_available():
-        choice, why = "reference", "triton is not installed"
-    elif not gpu_verified:
-        choice, why = "reference", "GPU_VERIFIED = False for this kernel (MINTUNE_KERNELS=triton uses it anyway)"
-    else:
-        choice, why = "kernel", "CUDA tensor"
+    choice, why = decide(x.device.type, gpu_verified, unsupported, cpu_torch, no_cpu_torch)
     if (op, why) not in _said:
         _said.add((op, why))
         log.info("%s: %s (%s)", op, LABELS[choice], why)

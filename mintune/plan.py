@@ -192,7 +192,9 @@ class Dims:
     T: int          # positions per row the blocks compute (data.max_length + virtual tokens)
     S: int          # keys each query sees at most (T, + prefix tokens)
     a: int          # bytes of an activation (the model's dtype; 2 under bf16/fp16 autocast)
-    kernel: bool    # attention through the fused kernel (CUDA), which keeps no T×S scores
+    cuda: bool      # on a GPU (dropout masks are bool there, float32 on the CPU)
+    attn: str       # ops.attention's path: "kernel" or "torch" (SDPA) keep no T×S scores, "reference" does
+    int8_kernel: bool  # int8 matmuls through the Triton kernel, which keeps the int8 weight, not a float copy
 
     @property
     def N(self) -> int:
@@ -220,7 +222,7 @@ def _lora_rows(name: str, info, x_grad: bool, d: Dims, add) -> None:
     and, when x needs a gradient, dropout's mask (float32 on the CPU, bool in CUDA's fused dropout).
     An int8 weight on the reference path: its dequantized copy, which F.linear keeps for x's gradient."""
     trains, lora, n_in, n_out, int8 = info
-    if int8 and x_grad and not d.kernel:
+    if int8 and x_grad and not d.int8_kernel:
         add(f"{name} dequantized weight", n_out * n_in * d.a, f"{n_out}·{n_in}·a",
             "the int8 reference matmul is F.linear on the dequantized weight, kept for the input's gradient")
     if lora is None:
@@ -229,7 +231,7 @@ def _lora_rows(name: str, info, x_grad: bool, d: Dims, add) -> None:
     if p > 0:
         add(f"{name} LoRA dropout output", d.N * n_in * 4, f"N·{n_in}·4", "lora_A's gradient needs its input")
         if x_grad:
-            add(f"{name} LoRA dropout mask", d.N * n_in * (1 if d.kernel else 4), f"N·{n_in}·(1 or 4)",
+            add(f"{name} LoRA dropout mask", d.N * n_in * (1 if d.cuda else 4), f"N·{n_in}·(1 or 4)",
                 "the input's gradient goes through the same mask")
     add(f"{name} LoRA x·Aᵀ", d.N * r * 4, f"N·{r}·4", "lora_B's gradient needs x·Aᵀ (float32)")
 
@@ -267,10 +269,13 @@ def attention_rows(attn, cfg, n1_grad: bool, d: Dims, add) -> bool:
     qkv_width = (Hq + 2 * Hkv) * D
     fused_kept = False                                 # q, k or v kept as a view of the fused output
     rotated = cfg.positions == "rotary"
-    if d.kernel:  # the fused kernel keeps q, k, v, its output and the log-sum-exp per query row
+    if d.attn != "reference":  # the Triton kernel or SDPA: q, k, v, the output, a log-sum-exp per query row
         add("attention q, k, v, out", B * (2 * Hq * T + 2 * Hkv * S) * D * a, "B·(2·Hq·T + 2·Hkv·S)·D·a",
-            "the kernel's backward recomputes the scores from q, k, v")
+            "the fused backward recomputes the scores from q, k, v a tile at a time")
         add("attention logsumexp", B * Hq * T * 4, "B·Hq·T·4", "one float32 per query row")
+        if d.attn == "torch" and (S != T or attn.window is not None):
+            add("attention mask (SDPA)", T * S * a, "T·S·a",
+                "SDPA keeps the visibility mask, as an additive mask of the activation dtype")
     else:
         up = 4 if a != 4 else 0                       # the reference upcasts q and k to float32
         gqa = Hkv != Hq
@@ -470,7 +475,7 @@ def backward_transients(model, d: Dims) -> tuple[int, int]:
     gradients of the probabilities and the scores (the kernel recomputes them a tile at a time)."""
     attn = getattr(model.layers[0].attn, "base", model.layers[0].attn)
     flowing = 2 * d.N * model.cfg.hidden_size * d.a
-    scores = 0 if d.kernel else 2 * d.B * attn.n_head * d.T * d.S * 4
+    scores = 0 if d.attn != "reference" else 2 * d.B * attn.n_head * d.T * d.S * 4
     return flowing + 2 * d.N * model.cfg.intermediate_size * d.a, flowing + scores
 
 
@@ -498,8 +503,10 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     prefix = max((getattr(getattr(getattr(b.attn, "base", b.attn), "prefix", None), "n_tokens", 0) or 0)
                  for b in model.layers)
     a = 2 if precision in ("bf16", "fp16") else model.embed_tokens.weight.element_size()
-    kernel = device == "cuda" and ops.kernel_mode() != "reference"   # ops.attention's choice on CUDA
-    d = Dims(batch, seq + virtual, seq + virtual + prefix, a, kernel)
+    dropout = any(getattr(getattr(b.attn, "base", b.attn), "dropout", 0.0) > 0 for b in model.layers)
+    int8_kernel = ops.int8_training_path(device) == "kernel"
+    d = Dims(batch, seq + virtual, seq + virtual + prefix, a, device == "cuda",
+             ops.attention_path(device, dropout), int8_kernel)
     n = batch * (seq - 1)                               # positions that predict a labelled token
     rows = weight_rows(model, world_size)
     state, grads, largest = state_rows(model, world_size, device)
@@ -520,6 +527,9 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
         before = sum(r.bytes for r in kept if _block_of(r) < i)
         own = d.N * cfg.hidden_size * a if every and i % every == 0 else 0   # a checkpointed block's input
         mlp = sum(r.bytes for r in per_block[i] if _in_mlp(r))
+        if getattr(model.layers[i].mlp, "base", model.layers[i].mlp).gate_proj is None:
+            # act(up): down_proj's input is freed once its backward ran, before act's gradient exists
+            mlp -= sum(r.bytes for r in per_block[i] if r.name.endswith("mlp hidden"))
         attn = sum(r.bytes for r in per_block[i] if not _in_mlp(r))
         done = static + (held or head_grads + sum(block_grads[i + 1:])) + before + own
         moments[f"backward of block {i}"] = done + max(attn + mlp + t_mlp, block_grads[i] + attn + t_attn)

@@ -36,9 +36,9 @@ def test_kernels_only_passes_on_the_kernel_and_fails_otherwise(monkeypatch):
     with pytest.raises(AssertionError, match="int8_linear: the not called path ran"):
         with checks.kernels_only("int8_linear"):
             ops.attention(q, q, q, scale=0.25)
-    # were forcing to do nothing (auto: the reference on a CPU, and on a GPU until GPU_VERIFIED), it fails
+    # were forcing to do nothing (auto: SDPA on a CPU, the reference on a GPU until GPU_VERIFIED), it fails
     monkeypatch.setattr(ops, "kernel_mode", lambda: "auto")
-    with pytest.raises(AssertionError, match="attention: the reference path ran"):
+    with pytest.raises(AssertionError, match="attention: the torch path ran"):
         with checks.kernels_only("attention"):
             ops.attention(q, q, q, scale=0.25)
 
