@@ -269,13 +269,14 @@ def attention_rows(attn, cfg, n1_grad: bool, d: Dims, add) -> bool:
     qkv_width = (Hq + 2 * Hkv) * D
     fused_kept = False                                 # q, k or v kept as a view of the fused output
     rotated = cfg.positions == "rotary"
-    if d.attn != "reference":  # the Triton kernel or SDPA: q, k, v, the output, a log-sum-exp per query row
-        add("attention q, k, v, out", B * (2 * Hq * T + 2 * Hkv * S) * D * a, "B·(2·Hq·T + 2·Hkv·S)·D·a",
-            "the fused backward recomputes the scores from q, k, v a tile at a time")
-        add("attention logsumexp", B * Hq * T * 4, "B·Hq·T·4", "one float32 per query row")
-        if d.attn == "torch" and (S != T or attn.window is not None):
-            add("attention mask (SDPA)", T * S * a, "T·S·a",
-                "SDPA keeps the visibility mask, as an additive mask of the activation dtype")
+    if d.attn != "reference":  # the Triton kernel or SDPA keep q, k, v, the output, a log-sum-exp per row
+        if s_g or v_g:         # (when q, k or v needs a gradient; otherwise nothing)
+            add("attention q, k, v, out", B * (2 * Hq * T + 2 * Hkv * S) * D * a, "B·(2·Hq·T + 2·Hkv·S)·D·a",
+                "the fused backward recomputes the scores from q, k, v a tile at a time")
+            add("attention logsumexp", B * Hq * T * 4, "B·Hq·T·4", "one float32 per query row")
+            if d.attn == "torch" and (S != T or attn.window is not None):
+                add("attention mask (SDPA)", T * S * a, "T·S·a",
+                    "SDPA keeps the visibility mask, as an additive mask of the activation dtype")
     else:
         up = 4 if a != 4 else 0                       # the reference upcasts q and k to float32
         gqa = Hkv != Hq
