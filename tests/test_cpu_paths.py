@@ -84,6 +84,7 @@ def _attention_path(monkeypatch, mode, dropout_p=0.0):
 
 def test_ops_chooses_sdpa_on_cpu_and_the_reference_when_asked(monkeypatch, caplog):
     caplog.set_level("INFO", logger="mintune.ops")
+    monkeypatch.setattr(ops, "_said", set())  # each decision is logged once per process: forget earlier tests'
     assert _attention_path(monkeypatch, "auto") == "torch"
     assert _attention_path(monkeypatch, "reference") == "reference"
     assert _attention_path(monkeypatch, "auto", dropout_p=0.1) == "reference"  # SDPA's dropout mask differs
