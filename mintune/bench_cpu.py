@@ -14,7 +14,7 @@ with its reference's. Then `rounds` rounds each time both sides once, in alterna
 2-core machine is shared: alternating spreads any load over both), and the medians are reported.
 ratio = mintune tokens/s / transformers tokens/s (above 1: mintune is faster).
 
-Peak memory is counted in live tensor bytes (`LiveBytes`: every tensor an op creates counts until its
+Peak memory is counted in live tensor bytes (`memory.LiveBytes`: every tensor an op creates counts until its
 storage is freed, plus the model's own weights), not in the process's RSS, which also holds
 allocator caches, libraries and the other model.
 """
@@ -22,49 +22,17 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from . import ops
+from .memory import LiveBytes
 
 FULL = {"train": (8, 128), "forward": (4, 512), "prompt": 32, "new": 32}
 LORA = dict(r=16, alpha=32, dropout=0.05)
 # relative error (max |a - b| / max |b|) allowed between mintune and transformers, float32; both use
 # SDPA, in different orders of operations over 30 layers
 AGREE = 1e-3
-
-
-class LiveBytes(TorchDispatchMode):
-    """Inside the block, the bytes of CPU tensor storages created by torch ops and not yet freed
-    (`live`), and the largest that sum reached (`peak`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._count(t.untyped_storage())
-        return out
-
-    def _count(self, storage) -> None:
-        key = storage._cdata           # one storage, however many views of it come out of ops
-        if key in self.seen or storage.nbytes() == 0:
-            return
-        self.seen.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._freed, key, storage.nbytes())
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(key)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -27,12 +27,14 @@ def test_every_cpu_row_runs_and_reports_both_sides(saved):
 
 
 def test_live_bytes_counts_until_the_storage_is_freed():
+    from mintune.memory import LiveBytes
+
     x = torch.ones(1000)
-    with bench_cpu.LiveBytes() as live:
+    with LiveBytes() as live:
         y = x * 2                   # 4000 bytes
         view = y[:10]               # a view: no new storage
         z = x + 1                   # 4000 more
         del y                       # still alive through the view
-        peak_before_free = live.live
+        peak_before_free = live.current
         del view, z
-    assert peak_before_free == 8000 and live.peak == 8000 and live.live == 0
+    assert peak_before_free == 8000 and live.peak == 8000 and live.current == 0
