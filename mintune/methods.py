@@ -17,7 +17,6 @@ What was trained is saved and loaded by `adapter_files.py` (`save_adapter` / `lo
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 

@@ -126,11 +126,23 @@ def int8_training_path(device_type: str) -> str:
     return decide(device_type, verified, None, None, "training")[0]
 
 
-def attention_path(device_type: str, dropout: bool = False) -> str:
+def _attention_rules(head_dim: int, dropout_p: float) -> tuple[str | None, str | None]:
+    """(why the kernel cannot take the call, the CPU's torch path for it): what `decide` needs."""
+    unsupported = None
+    if dropout_p > 0:
+        unsupported = "attention dropout is not in the kernel"
+    elif head_dim > 256:
+        unsupported = f"head dim {head_dim} is above the kernel's 256"
+    # SDPA draws its own dropout mask: with dropout the reference runs, so that an audit sees the same
+    cpu_torch = None if dropout_p > 0 else "scaled_dot_product_attention with the reference's mask"
+    return unsupported, cpu_torch
+
+
+def attention_path(device_type: str, head_dim: int, dropout_p: float = 0.0) -> str:
     """The path ops.attention takes on `device_type` ("kernel", "torch" or "reference"), for planning."""
     verified = device_type == "cuda" and triton_available() and _kernel_module("flash_attention").GPU_VERIFIED
-    return decide(device_type, verified, "attention dropout is not in the kernel" if dropout else None,
-                  None if dropout else "scaled_dot_product_attention")[0]
+    unsupported, cpu_torch = _attention_rules(head_dim, dropout_p)
+    return decide(device_type, verified, unsupported, cpu_torch, "attention dropout")[0]
 
 
 def choose(op: str, x: torch.Tensor, gpu_verified: bool = True, unsupported: str | None = None,
@@ -151,13 +163,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
               key_mask: torch.Tensor | None = None, window: int | None = None, dropout_p: float = 0.0,
               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D); the contract is in kernels/flash_attention.py."""
-    unsupported = None
-    if dropout_p > 0:
-        unsupported = "attention dropout is not in the kernel"
-    elif q.shape[-1] > 256:
-        unsupported = f"head dim {q.shape[-1]} is above the kernel's 256"
-    # SDPA draws its own dropout mask: with dropout the reference runs, so that an audit sees the same
-    cpu_torch = None if dropout_p > 0 else "scaled_dot_product_attention with the reference's mask"
+    unsupported, cpu_torch = _attention_rules(q.shape[-1], dropout_p)
     fa = _kernel_module("flash_attention")
     how = choose("attention", q, fa.GPU_VERIFIED, unsupported, cpu_torch, "attention dropout")
     if how == "kernel":

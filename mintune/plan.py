@@ -28,7 +28,6 @@ is sharded (weights, gradients, optimizer state), not the activations.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -504,10 +503,11 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     prefix = max((getattr(getattr(getattr(b.attn, "base", b.attn), "prefix", None), "n_tokens", 0) or 0)
                  for b in model.layers)
     a = 2 if precision in ("bf16", "fp16") else model.embed_tokens.weight.element_size()
-    dropout = any(getattr(getattr(b.attn, "base", b.attn), "dropout", 0.0) > 0 for b in model.layers)
+    attn0 = getattr(model.layers[0].attn, "base", model.layers[0].attn)
+    dropout = max(getattr(getattr(b.attn, "base", b.attn), "dropout", 0.0) for b in model.layers)
     int8_kernel = ops.int8_training_path(device) == "kernel"
     d = Dims(batch, seq + virtual, seq + virtual + prefix, a, device == "cuda",
-             ops.attention_path(device, dropout), int8_kernel)
+             ops.attention_path(device, attn0.head_dim, dropout), int8_kernel)
     n = batch * (seq - 1)                               # positions that predict a labelled token
     rows = weight_rows(model, world_size)
     state, grads, largest = state_rows(model, world_size, device)
