@@ -18,11 +18,11 @@ The ops are:
 The CPU "torch" paths (docs/cpu.md): attention on a CPU tensor runs
 `torch.nn.functional.scaled_dot_product_attention` (PyTorch's fused CPU kernel) with the very
 `visible_keys` mask the reference builds, or `is_causal` when that mask is plainly causal; see
-`attention_sdpa` in kernels/flash_attention.py. int8_linear on a CPU tensor with one scale per output
-row, few float32 rows of x and no gradient (decoding) runs `int8_matmul_cpu`: the int8 weight is
-converted in cache-sized row blocks, so no float copy of the layer is made; see kernels/int8_matmul.py.
-Calls a torch path cannot take (attention dropout, whose random mask would differ; grouped scales;
-a gradient wanted; many rows) run the reference, and the log says why. The int8 "torch" path is
+`attention_sdpa` in kernels/flash_attention.py. int8_linear on a CPU tensor runs `int8_matmul_cpu`
+(through `Int8CPUFunction` when a gradient is wanted): the int8 weight is converted in cache-sized
+row blocks into one reused buffer, so no float copy of a layer is made, nor kept for backward; see
+kernels/int8_matmul.py. Attention dropout runs the reference (SDPA's random mask would differ), and
+the log says why. The int8 "torch" path is
 plain torch ops (a loop of matmuls), named "torch" like the others: not the reference, not a kernel.
 
 This module is the only one that imports from `mintune.kernels`, and it does so on first use: a kernel
@@ -50,6 +50,7 @@ _said: set[tuple[str, str]] = set()
 calls: collections.Counter = collections.Counter()  # (op, "kernel" | "torch" | "reference") -> calls since start
 PATHS = ("kernel", "torch", "reference")
 LABELS = {"kernel": "Triton kernel", "torch": "fused torch op", "reference": "torch reference"}
+INT8_CPU = "int8_matmul_cpu (the weight converted in cache-sized blocks, none kept for backward)"
 
 
 def _kernel_module(name: str) -> ModuleType:
@@ -120,10 +121,17 @@ def decide(device_type: str, gpu_verified: bool = True, unsupported: str | None 
 
 
 def int8_training_path(device_type: str) -> str:
-    """The path ops.int8_linear takes for an input that needs a gradient (the CPU's blocked path only
-    decodes), for planning."""
+    """The path ops.int8_linear takes on `device_type` ("kernel", "torch" or "reference"), for planning:
+    only the reference keeps a dequantized float copy of each layer for the input's gradient."""
     verified = device_type == "cuda" and triton_available() and _kernel_module("int8_matmul").GPU_VERIFIED
-    return decide(device_type, verified, None, None, "training")[0]
+    return decide(device_type, verified, None, INT8_CPU)[0]
+
+
+def int8_cpu_buffer_bytes(in_features: int, activation_bytes: int = 4) -> int:
+    """Bytes the CPU int8 path holds per thread while it runs: its float32 block buffer, kept between
+    calls, and a block cast to the activations' dtype when that is not float32 (kernels/int8_matmul.py)."""
+    elements = max(_kernel_module("int8_matmul").CPU_BLOCK_ELEMENTS, in_features)
+    return 4 * elements + (activation_bytes * elements if activation_bytes != 4 else 0)
 
 
 def _attention_rules(head_dim: int, dropout_p: float) -> tuple[str | None, str | None]:
@@ -180,12 +188,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (q · scales)ᵀ + bias, q int8 (N, K); see kernels/int8_matmul.py."""
     mm = _kernel_module("int8_matmul")
-    refusal = mm.cpu_refusal(x, q, scales) if not x.is_cuda else None
-    how = choose("int8_linear", x, mm.GPU_VERIFIED, cpu_torch=None if refusal else "int8_matmul_cpu (blocked)",
-                 no_cpu_torch=refusal or "")
+    how = choose("int8_linear", x, mm.GPU_VERIFIED, cpu_torch=INT8_CPU)
     if how == "kernel":
         return mm.Int8MatmulFunction.apply(x.contiguous() if x.stride(-1) != 1 else x, q, scales, bias)
     if how == "torch":
+        wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+        if torch.is_grad_enabled() and wants_grad:
+            return mm.Int8CPUFunction.apply(x, q, scales, bias)
         return mm.int8_matmul_cpu(x, q, scales, bias)
     return mm.int8_matmul_reference(x, q, scales, bias)
 

@@ -193,7 +193,7 @@ class Dims:
     a: int          # bytes of an activation (the model's dtype; 2 under bf16/fp16 autocast)
     cuda: bool      # on a GPU (dropout masks are bool there, float32 on the CPU)
     attn: str       # ops.attention's path: "kernel" or "torch" (SDPA) keep no T×S scores, "reference" does
-    int8_kernel: bool  # int8 matmuls through the Triton kernel, which keeps the int8 weight, not a float copy
+    int8_keeps_float: bool  # int8 matmuls on the reference path, which keeps each layer's dequantized weight
 
     @property
     def N(self) -> int:
@@ -219,9 +219,10 @@ def _keeps_input(info) -> bool:
 def _lora_rows(name: str, info, x_grad: bool, d: Dims, add) -> None:
     """A linear's own extra tensors. LoRA: x·Aᵀ for B's gradient; with dropout, the dropped-out input
     and, when x needs a gradient, dropout's mask (float32 on the CPU, bool in CUDA's fused dropout).
-    An int8 weight on the reference path: its dequantized copy, which F.linear keeps for x's gradient."""
+    An int8 weight on the reference path: its dequantized copy, which F.linear keeps for x's gradient
+    (the kernel and the CPU path keep only the int8 weight and convert it again in backward)."""
     trains, lora, n_in, n_out, int8 = info
-    if int8 and x_grad and not d.int8_kernel:
+    if int8 and x_grad and d.int8_keeps_float:
         add(f"{name} dequantized weight", n_out * n_in * d.a, f"{n_out}·{n_in}·a",
             "the int8 reference matmul is F.linear on the dequantized weight, kept for the input's gradient")
     if lora is None:
@@ -403,6 +404,17 @@ def weight_rows(model, world_size: int) -> list[Row]:
             for key, (n, b) in groups.items()]
 
 
+def int8_buffer_rows(model, device: str, a: int) -> list[Row]:
+    """The CPU int8 path's block buffer (one per thread that runs a matmul: the main one), if it runs."""
+    widths = [m.in_features for m in model.modules() if getattr(m, "weight", None) is not None
+              and m.weight.dtype == torch.int8]
+    if not widths or ops.int8_training_path(device) != "torch":
+        return []
+    return [Row("weights", "int8 CPU block buffer", ops.int8_cpu_buffer_bytes(max(widths), a),
+                "4·max(E, K) (+ a·max(E, K) unless a = 4)",
+                "int8 rows converted to float32 a cache-sized block at a time (E elements), kept between calls")]
+
+
 def state_rows(model, world_size: int, device: str) -> tuple[list[Row], int, int]:
     """Gradients and AdamW state of the trainable parameters; returns (rows, gradient bytes, largest one)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -505,11 +517,11 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     a = 2 if precision in ("bf16", "fp16") else model.embed_tokens.weight.element_size()
     attn0 = getattr(model.layers[0].attn, "base", model.layers[0].attn)
     dropout = max(getattr(getattr(b.attn, "base", b.attn), "dropout", 0.0) for b in model.layers)
-    int8_kernel = ops.int8_training_path(device) == "kernel"
+    int8_keeps_float = ops.int8_training_path(device) == "reference"
     d = Dims(batch, seq + virtual, seq + virtual + prefix, a, device == "cuda",
-             ops.attention_path(device, attn0.head_dim, dropout), int8_kernel)
+             ops.attention_path(device, attn0.head_dim, dropout), int8_keeps_float)
     n = batch * (seq - 1)                               # positions that predict a labelled token
-    rows = weight_rows(model, world_size)
+    rows = weight_rows(model, world_size) + int8_buffer_rows(model, device, a)
     state, grads, largest = state_rows(model, world_size, device)
     rows += state
     kept, per_block, _ = activation_rows(model, d, every)

@@ -1,6 +1,7 @@
 """The CPU "torch" paths of mintune.ops against the references they stand in for: attention through
-SDPA on every case of the visibility contract (forward and every gradient), int8 decoding in row
-blocks, and which path ops chooses, and why, in each mode."""
+SDPA on every case of the visibility contract (forward and every gradient), int8 matmuls in row
+blocks (forward, gradients, and what they keep for backward), and which path ops chooses, and why,
+in each mode."""
 import pytest
 import torch
 
@@ -109,17 +110,60 @@ def test_the_model_is_the_same_on_both_paths(saved, monkeypatch):
     assert rel_err(logits["auto"][real], logits["reference"][real]) <= RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 5, 7), (3, 130, 200), (16, 1536, 576), (1, 49, 1536)])
-def test_blocked_int8_equals_reference(M, N, K):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-channel", "grouped"])
+@pytest.mark.parametrize("M,N,K,block", [(1, 5, 64, 1 << 20), (3, 130, 192, 1 << 20), (16, 1536, 576, 1 << 20),
+                                         (1, 49, 1536, 4096), (37, 300, 64, 4096)])
+def test_blocked_int8_equals_reference(monkeypatch, M, N, K, block, grouped, dtype):
+    """The CPU path, forward and the gradients of x and the bias, against the reference; block 4096
+    splits the weight into many row blocks (and rows not a multiple of the block)."""
+    from mintune.kernels import int8_matmul
+
+    monkeypatch.setattr(int8_matmul, "CPU_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(M + N + K)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
-    s, b = torch.rand(N, generator=g) * 0.02, torch.randn(N, generator=g)
-    x = torch.randn(2, M, K, generator=g)
+    s = torch.rand(N, K // 32 if grouped else 1, generator=g).squeeze(-1) * 0.02
+    b = torch.randn(N, generator=g).to(dtype)
+    x = torch.randn(2, M, K, generator=g).to(dtype)
+    dy = torch.randn(2, M, N, generator=g).to(dtype)
     for bias in (b, None):
-        assert rel_err(int8_matmul_cpu(x, q, s, bias), int8_matmul_reference(x, q, s, bias)) <= RTOL[torch.float32]
+        assert rel_err(int8_matmul_cpu(x, q, s, bias), int8_matmul_reference(x, q, s, bias)) <= RTOL[dtype]
+    grads = {}
+    for name, fn in (("cpu", int8_matmul.Int8CPUFunction.apply), ("reference", int8_matmul_reference)):
+        xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
+        fn(xg, q, s, bg).backward(dy)
+        grads[name] = xg.grad, bg.grad
+    assert rel_err(grads["cpu"][0], grads["reference"][0]) <= RTOL[dtype]
+    assert rel_err(grads["cpu"][1], grads["reference"][1]) <= RTOL[dtype]
 
 
-def test_int8_cpu_path_only_where_it_applies(monkeypatch):
+def test_int8_cpu_training_keeps_no_float_weight():
+    """Three int8 layers in a row, x needing a gradient: after the forward, the reference holds every
+    layer's dequantized float32 weight for backward, the CPU path only the int8 bytes it already had
+    and the one block buffer every call reuses (counted by memory.LiveBytes; the difference computed
+    here from the shapes)."""
+    from mintune.kernels import int8_matmul
+    from mintune.memory import LiveBytes
+
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g), torch.rand(1024, generator=g))
+              for _ in range(3)]
+    x = torch.randn(4, 1024, generator=g, requires_grad=True)
+    kept, grads = {}, {}
+    for name, fn in (("cpu", int8_matmul.Int8CPUFunction.apply), ("reference", int8_matmul_reference)):
+        with LiveBytes(x, layers) as live:
+            h = x
+            for q, s in layers:
+                h = fn(h, q, s, None)
+            kept[name] = live.current
+        h.sum().backward()
+        grads[name], x.grad = x.grad, None
+    float_weights, block_buffer = 3 * 1024 * 1024 * 4, int8_matmul.CPU_BLOCK_ELEMENTS * 4
+    assert kept["cpu"] <= kept["reference"] - float_weights + block_buffer < kept["reference"]
+    assert rel_err(grads["cpu"], grads["reference"]) <= RTOL[torch.float32]
+
+
+def test_int8_cpu_path_takes_every_cpu_call(monkeypatch):
     monkeypatch.setenv("MINTUNE_KERNELS", "auto")
     q = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
     s = torch.rand(48) * 0.02
@@ -131,10 +175,12 @@ def test_int8_cpu_path_only_where_it_applies(monkeypatch):
 
     with torch.no_grad():
         assert taken(torch.randn(1, 1, 64)) == "torch"                       # a decoding step
-        assert taken(torch.randn(4, 17, 64)) == "reference"                  # a prompt: compute-bound
-        assert taken(torch.randn(1, 1, 64).bfloat16()) == "reference"
-        assert taken(torch.randn(1, 1, 64), torch.rand(48, 4)) == "reference"  # grouped scales
-    assert taken(torch.randn(1, 1, 64, requires_grad=True)) == "reference"   # training
+        assert taken(torch.randn(4, 17, 64)) == "torch"                      # a prompt
+        assert taken(torch.randn(1, 1, 64).bfloat16()) == "torch"
+        assert taken(torch.randn(1, 1, 64), torch.rand(48, 4)) == "torch"    # grouped scales
+    assert taken(torch.randn(4, 17, 64, requires_grad=True)) == "torch"      # training
+    assert ops.int8_training_path("cpu") == "torch"
     monkeypatch.setenv("MINTUNE_KERNELS", "reference")
     with torch.no_grad():
         assert taken(torch.randn(1, 1, 64)) == "reference"
+    assert ops.int8_training_path("cpu") == "reference"
