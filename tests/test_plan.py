@@ -24,6 +24,19 @@ FAMILIES = {
 QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
+@pytest.fixture(autouse=True)
+def small_int8_blocks(monkeypatch):
+    """The CPU int8 path's block buffer (4 MiB by default, planned as its own row) at 16 KiB, so that
+    on these tiny models the int8 cases' peaks are the step's tensors, not that one buffer; a fresh
+    buffer, since one an earlier test made larger would be reused."""
+    import threading
+
+    from mintune.kernels import int8_matmul
+
+    monkeypatch.setattr(int8_matmul, "CPU_BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(int8_matmul, "_cpu_scratch", threading.local())
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """family -> a directory with config.json and model.safetensors of a tiny random model."""
