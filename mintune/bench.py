@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also compile (compile) or verify and time (matmul, attention, on a GPU) the configurations "
                          "the kernel files list as ALTERNATIVES")
     ap.add_argument("--model", default=None, help="cpu: a Llama-family HF directory (default: SmolLM2-135M)")
-    ap.add_argument("--rounds", type=int, default=3, help="cpu: alternating timing rounds per row")
+    ap.add_argument("--rounds", type=int, default=5, help="cpu: alternating timing rounds per row")
     ap.add_argument("--rows", default="train,forward,generate,int8", help="cpu: which rows, comma-separated")
     args = ap.parse_args(argv)
     if args.what == "cpu":

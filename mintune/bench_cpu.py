@@ -12,7 +12,9 @@ rows compare the loss and a LoRA gradient (dropout off, transformers' LoRA A cop
 forward compares logits, generation compares the greedy tokens, int8 compares its fast path's tokens
 with its reference's. Then `rounds` rounds each time both sides once, in alternating order (the
 2-core machine is shared: alternating spreads any load over both), and the medians are reported.
-ratio = mintune tokens/s / transformers tokens/s (above 1: mintune is faster).
+ratio = mintune tokens/s / transformers tokens/s (above 1: mintune is faster), taken in each round
+from the two sides' back-to-back times, then the median of the rounds (their range is printed too:
+on a shared machine it shows how far one round can be trusted).
 
 Peak memory is counted in live tensor bytes (`memory.LiveBytes`: every tensor an op creates counts until its
 storage is freed, plus the model's own weights), not in the process's RSS, which also holds
@@ -54,8 +56,8 @@ def _check(err: float, what: str) -> str:
 
 
 def alternate(sides: dict, rounds: int) -> dict:
-    """{side: median seconds} over `rounds` rounds, each running every side once (after one warm-up
-    call each), the order reversed every other round."""
+    """{side: [seconds of each round]} over `rounds` rounds, each running every side once (after one
+    warm-up call each), the order reversed every other round."""
     names = list(sides)
     for name in names:
         sides[name]()
@@ -65,7 +67,7 @@ def alternate(sides: dict, rounds: int) -> dict:
             t = time.perf_counter()
             sides[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def load_pair(model_dir):
@@ -85,9 +87,13 @@ def _paths(seen) -> dict:
 
 def _row(name: str, shape: str, tokens: int, secs: dict, check: str, paths: dict, rounds: int,
          baseline: str = "transformers + peft") -> dict:
-    ours, theirs = tokens / secs["mintune"], tokens / secs[baseline]
+    """A row from `alternate`'s times: each side's median speed, and the ratio as the median of the
+    rounds' own ratios (both sides of a round ran back to back, under the same load), with their range."""
+    ours, theirs = tokens / statistics.median(secs["mintune"]), tokens / statistics.median(secs[baseline])
+    per_round = [b / a for a, b in zip(secs["mintune"], secs[baseline])]
     return {"bench": "cpu", "row": name, "shape": shape, "ours_tokens_per_s": ours, "baseline": baseline,
-            "baseline_tokens_per_s": theirs, "ratio": ours / theirs, "check": check, "path": paths,
+            "baseline_tokens_per_s": theirs, "ratio": statistics.median(per_round),
+            "ratio_min": min(per_round), "ratio_max": max(per_round), "check": check, "path": paths,
             "rounds": rounds, "threads": torch.get_num_threads()}
 
 
@@ -240,20 +246,22 @@ def _line(row: dict) -> str:
                  f" vs float32 {row['float32_peak_bytes'] / 2**20:,.0f} MiB (weights "
                  f"{row['float32_weight_bytes'] / 2**20:,.0f})")
     return (f"  {row['row']:<32} {row['shape']:>9}  mintune {row['ours_tokens_per_s']:8.1f} tokens/s  "
-            f"{row['baseline']} {row['baseline_tokens_per_s']:8.1f}  ratio {row['ratio']:.2f}{extra}  "
+            f"{row['baseline']} {row['baseline_tokens_per_s']:8.1f}  ratio {row['ratio']:.2f} "
+            f"(rounds {row['ratio_min']:.2f}-{row['ratio_max']:.2f}){extra}  "
             f"[{row['check']}; {', '.join(f'{op}: {ops.LABELS.get(p, p)}' for op, p in row['path'].items())}]")
 
 
 ROWS = ("train", "forward", "generate", "int8")  # --rows picks among these (train: both training rows)
 
 
-def cpu_rows(model_dir=None, sizes: dict = FULL, rounds: int = 3, log=print, rows=ROWS) -> list[dict]:
+def cpu_rows(model_dir=None, sizes: dict = FULL, rounds: int = 5, log=print, rows=ROWS) -> list[dict]:
     """The rows named in `rows`, mintune beside its baseline; model_dir None: SmolLM2-135M (mintune.fetch)."""
     if model_dir is None:
         from .fetch import fetch
 
         model_dir = fetch("smollm2")
-    log(f"cpu rows: {model_dir}, float32, {torch.get_num_threads()} threads, {rounds} alternating rounds, medians")
+    log(f"cpu rows: {model_dir}, float32, {torch.get_num_threads()} threads, {rounds} alternating rounds, medians "
+        "(ratio: the median of the rounds' ratios)")
     out = []
     if {"forward", "generate", "int8"} & set(rows):
         ours, theirs = load_pair(model_dir)
