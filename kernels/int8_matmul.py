@@ -109,20 +109,24 @@ def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
 # reference does) 2.5 ms, the page faults of a new allocation; SmolLM2 greedy decoding ran at 12.2
 # tokens/s with blocks of 1 MiB and 13.4 with 4 MiB (float32: 13.3), fewer small ops per token.
 CPU_BLOCK_ELEMENTS = 1024 * 1024
-_cpu_scratch = threading.local()  # .block: this thread's float32 conversion buffer; .views: (n, K) -> view
+_cpu_scratch = threading.local()  # .blocks: device -> this thread's float32 buffer; .views: (n, K, device) -> view
 
 
-def _block_buffer(n: int, K: int) -> torch.Tensor:
-    """This thread's float32 (n, K) block buffer: a view of one scratch tensor every call reuses (the
-    views are kept too: a decoding step asks for 210 of them, and each new view costs Python time)."""
-    views = getattr(_cpu_scratch, "views", None)
-    if views is None or (n, K) not in views:
-        scratch = getattr(_cpu_scratch, "block", None)
+def _block_buffer(n: int, K: int, device: torch.device) -> torch.Tensor:
+    """This thread's float32 (n, K) block buffer on `device`: a view of one scratch tensor every call
+    reuses (the views are kept too: a decoding step asks for 210 of them, and each new view costs
+    Python time)."""
+    if not hasattr(_cpu_scratch, "views"):
+        _cpu_scratch.views, _cpu_scratch.blocks = {}, {}
+    views, key = _cpu_scratch.views, (n, K, device)
+    if key not in views:
+        scratch = _cpu_scratch.blocks.get(device)
         if scratch is None or scratch.numel() < n * K:
-            scratch = _cpu_scratch.block = torch.empty(max(CPU_BLOCK_ELEMENTS, n * K))
-            views = _cpu_scratch.views = {}
-        views[(n, K)] = scratch[: n * K].view(n, K)
-    return views[(n, K)]
+            scratch = _cpu_scratch.blocks[device] = torch.empty(max(CPU_BLOCK_ELEMENTS, n * K), device=device)
+            for old in [k for k in views if k[2] == device]:
+                del views[old]
+        views[key] = scratch[: n * K].view(n, K)
+    return views[key]
 
 
 def _weight_blocks(q: torch.Tensor, group_scales: torch.Tensor | None, dtype: torch.dtype):
@@ -134,7 +138,7 @@ def _weight_blocks(q: torch.Tensor, group_scales: torch.Tensor | None, dtype: to
     rows = max(1, CPU_BLOCK_ELEMENTS // K)
     for i in range(0, N, rows):
         n = min(rows, N - i)
-        w = _block_buffer(n, K)
+        w = _block_buffer(n, K, q.device)
         w.copy_(q[i:i + n] if n < N else q)                # int8 -> float32, exact
         if group_scales is not None:                       # (n, K/G, G) · (n, K/G, 1)
             w.view(n, group_scales.shape[1], -1).mul_(group_scales[i:i + n, :, None])
