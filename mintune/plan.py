@@ -546,6 +546,8 @@ class Gathered:
     reduce_in: dict = field(default_factory=dict)
     root_early: int = 0        # the root's whole gradients made before the blocks' backward (LM head, final norm)
     root_early_shards: int = 0  # the same gradients' shards (what they become at the end of the backward)
+    root_late: int = 0         # the root's whole gradients made after every block's (embeddings, soft prompt)
+    tied: int = 0              # a trained tied embedding: its backward's gradient and its sum with the head's
 
     def of(self, table: str, unit) -> int:
         return getattr(self, table).get(unit, 0)
@@ -578,6 +580,9 @@ def fsdp_gathered(model, world: int, mixed: bool) -> Gathered:
         g.reduce_in[unit] = sum(whole(p, reduce(p)) for _, p in named if p.requires_grad)
     early = [p for n, p in params["root"] if p.requires_grad and not _made_late(model, n)]
     g.root_early, g.root_early_shards = sum(p.numel() * compute(p) for p in early), sum(_held(p, world) for p in early)
+    g.root_late = sum(p.numel() * compute(p) for n, p in params["root"] if p.requires_grad and _made_late(model, n))
+    embed = model.embed_tokens.weight
+    g.tied = 2 * embed.numel() * compute(embed) if embed.requires_grad and model.lm_head.weight is embed else 0
     return g
 
 
@@ -679,8 +684,10 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
         inside = whole + prefetched + rs_held + max(attn + mlp + t_mlp, grads_i + attn + t_attn)
         reduce = prefetched + g.reduce_moment(i, grads_i, world_size, device)
         moments[f"backward of block {i}"] = done + max(copy_out, inside, reduce)
-    if shards > 1:  # the root's gradients reduce-scattered last, after every block's
+    if shards > 1:  # the root's gradients: the embeddings' made last, then all reduce-scattered
         reduced = held or grads - g.root_early_shards - late  # every other unit's shards
+        moments["embeddings' backward"] = (static + reduced + g.weights["root"] + g.root_early + g.root_late
+                                           + g.tied)
         moments["end of backward (root's reduce-scatter)"] = static + reduced + g.reduce_moment(
             "root", g.grads["root"], world_size, device)
     opt_transient = grads if device == "cuda" else 2 * largest  # foreach AdamW on CUDA, one tensor at a time on CPU
