@@ -289,6 +289,15 @@ def test_plan_within_ten_percent_of_each_process_measured(recipe, tmp_path):
         assert abs(planned / max(peaks[name]) - 1) <= 0.10, (name, planned, peaks[name])
 
 
+def test_memory_budget_under_torchrun_is_fitted_per_process(recipe, tmp_path):
+    """train.prepare fits train.memory_budget for one process of the launch, sharing the model as
+    train.parallel says, and process 0 prints the choice and the plan once."""
+    done = torchrun(recipe, tmp_path / "two", *FSDP[:2], "--train.max_steps=1", "--train.memory_budget=1GiB")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('memory_budget 1GiB (1.00 GiB) for each of 2 processes under train.parallel = "fsdp"') == 1
+    assert "[gathered (FSDP)]" in done.stdout and "root weights, whole" in done.stdout
+
+
 # --------------------------------------------------------------------------- refusals, DDP's frozen weights
 
 def test_bad_settings_are_refused_before_loading(recipe):
