@@ -741,10 +741,10 @@ def parallel_mode(cfg: Config, world_size: int, parallel: str | None = None) -> 
     return mode
 
 
-def for_whom(p: Plan) -> str:
-    """'one process' or 'each of 2 processes under train.parallel = "fsdp"' (a plan's settings)."""
+def for_whom(p: Plan, before: str = "") -> str:
+    """'' alone, or `before` + 'each of 2 processes under train.parallel = "fsdp"' (a plan's settings)."""
     n, mode = p.settings.get("world_size", 1), p.settings.get("parallel", "none")
-    return "one process" if n == 1 else f"each of {n} processes under train.parallel = \"{mode}\""
+    return "" if n == 1 else f"{before}each of {n} processes under train.parallel = \"{mode}\""
 
 
 def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | None = None,
@@ -800,7 +800,8 @@ def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 
                 choice = {"batch_size": batch, "grad_accum": total // batch, "gradient_checkpointing": every,
                           "loss_chunk": loss_chunk}
                 return choice, last
-    raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}): no setting fits {for_whom(last)}; "
+    raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}): no setting fits"
+                     f"{for_whom(last, ' ')}; "
                      f"the smallest, batch_size = 1 with every block checkpointed and the loss in chunks of {chunk}, "
                      f"needs {human(last.peak_bytes)} at its peak ({last.peak_moment}):\n{last.table()}")
 
@@ -819,7 +820,7 @@ def apply_budget(cfg: Config, device: str, log=print, world_size: int = 1, paral
     for k, v in choice.items():
         setattr(t, k, v)
     changed = ", ".join(f"{k} {before[k]} -> {v}" for k, v in choice.items() if before[k] != v) or "nothing changed"
-    log(f"memory_budget {t.memory_budget} ({human(budget)}) for {for_whom(p)}: {changed}; predicted peak "
+    log(f"memory_budget {t.memory_budget} ({human(budget)}){for_whom(p, ' for ')}: {changed}; predicted peak "
         f"{human(p.peak_bytes)} ({p.peak_moment})\n{p.table()}")
     return p
 
@@ -873,7 +874,7 @@ def _plan_command(args, overrides: list[str]) -> None:
         p = plan(cfg, args.device, world)
         say(p.table())
     out = p.to_json()
-    say(f"predicted peak: {human(p.peak_bytes)} ({p.peak_moment}), for {for_whom(p)}")
+    say(f"predicted peak: {human(p.peak_bytes)} ({p.peak_moment}){for_whom(p, ', for ')}")
     if args.measure:
         peaks = measure_processes(cfg, args.device)
         out["measured_peak_bytes"], out["measured_peak_bytes_per_process"] = max(peaks), peaks
