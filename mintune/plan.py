@@ -862,7 +862,7 @@ def _plan_command(args, overrides: list[str]) -> None:
     from .files import write_json
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))   # torchrun's processes, or 1
-    world = args.world_size or launched
+    world = launched if args.world_size is None else args.world_size
     if launched > 1 and world != launched:
         raise ValueError(f"--world-size {world} under torchrun with {launched} processes: leave it out (the plan is "
                          "for one of torchrun's processes)")
