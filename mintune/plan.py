@@ -2,6 +2,8 @@
 
     python -m mintune.plan CONFIG.toml [--section.key=value ...] [--device cpu|cuda] [--json FILE]
     python -m mintune.plan CONFIG.toml --measure      # also run two steps and print plan beside measured
+    python -m mintune.plan CONFIG.toml --world-size N # one of N processes under train.parallel
+    torchrun --nproc_per_node=N -m mintune.plan CONFIG.toml --measure   # measured in each process
 
 The plan reads `config.json` and the safetensors headers (every name, dtype and shape checked as
 loading checks them), builds the model on the meta device (no memory), applies the recipe's method
@@ -20,14 +22,24 @@ the loss's backward (all activations kept + the loss buffers), the backward thro
 (gradients so far + what is left + the block being differentiated, recomputed under checkpointing),
 and the optimizer step (all gradients + AdamW's temporaries).
 
-`memory.measure_step` measures the same step; tests/test_plan.py holds the two within 10%.
+One process of W under torchrun (distributed.py) holds its rows' activations (train.batch_size rows)
+and, by train.parallel:
+    ddp     the whole model, gradients and AdamW state, and DDP's gradient buckets (one more copy of
+            the trainable weights' gradients, `parallel_rows`);
+    fsdp    1/W of every weight, gradient and AdamW moment (dim 0, padded to ⌈rows/W⌉), and what it
+            gathers (`fsdp_gathered`): the root's whole weights from the forward to the end of the
+            backward, a block's whole weights while it runs, the next block's prefetched in backward,
+            whole gradients until they are reduce-scattered; placed in the moments by `plan_step`.
+
+`memory.measure_step` measures the same step; tests/test_plan.py holds the two within 10%, and
+tests/test_distributed.py one process of 2 under DDP and FSDP.
 Shapes: B rows of T tokens (T = data.max_length, plus virtual tokens), N = B·T, S keys per query,
-C hidden, F MLP width, V vocabulary, a bytes per activation. Under FSDP, `world_size` divides what
-is sharded (weights, gradients, optimizer state), not the activations.
+C hidden, F MLP width, V vocabulary, a bytes per activation.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -388,20 +400,31 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def weight_rows(model, world_size: int) -> list[Row]:
-    """Every parameter and buffer once (a tied head is the embedding), by dtype; int8 scales apart."""
+def _held(p: torch.Tensor, shards: int) -> int:
+    """Bytes of p one process holds: all of it, or under FSDP (shards > 1) its part of dim 0, which FSDP
+    pads to ⌈rows / shards⌉ rows (the first process holds that many, the last maybe fewer)."""
+    if shards == 1 or p.dim() == 0:
+        return _nbytes(p)
+    return -(-p.shape[0] // shards) * (p.numel() // p.shape[0]) * p.element_size()
+
+
+def weight_rows(model, shards: int = 1) -> list[Row]:
+    """Every parameter and buffer once (a tied head is the embedding), by dtype; int8 scales apart. Under
+    FSDP (`shards` processes) each process holds its shard of every parameter; buffers stay whole."""
     groups: dict[str, list[int]] = {}
+    params = {id(p) for p in model.parameters()}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         key = "int8 scales" if name.endswith(".scales") else str(t.dtype).removeprefix("torch.")
-        groups.setdefault(key, [0, 0])
+        groups.setdefault(key, [0, 0, 0])
         groups[key][0] += t.numel()
         groups[key][1] += _nbytes(t)
-    shard = f" / {world_size} ranks" if world_size > 1 else ""
-    return [Row("weights", f"weights {key}", b // world_size, f"{n:,} × {b // n}{shard}",
+        groups[key][2] += _held(t, shards) if id(t) in params else _nbytes(t)
+    return [Row("weights", f"weights {key}", held, f"{n:,} × {b // n}" + (f", 1/{shards} each (⌈rows/{shards}⌉)"
+                                                                          if shards > 1 else ""),
                 "int8 weights' scales, float32, one per output channel or group" if key == "int8 scales"
                 else "the model's own weights and the method's, as loaded" if key != "int8"
                 else "the block linears' weights, one byte each")
-            for key, (n, b) in groups.items()]
+            for key, (n, b, held) in groups.items()]
 
 
 def int8_buffer_rows(model, device: str, a: int) -> list[Row]:
@@ -415,13 +438,14 @@ def int8_buffer_rows(model, device: str, a: int) -> list[Row]:
                 "int8 rows converted to float32 a cache-sized block at a time (E elements), kept between calls")]
 
 
-def state_rows(model, world_size: int, device: str) -> tuple[list[Row], int, int]:
-    """Gradients and AdamW state of the trainable parameters; returns (rows, gradient bytes, largest one)."""
+def state_rows(model, shards: int, device: str) -> tuple[list[Row], int, int]:
+    """Gradients and AdamW state of the trainable parameters (under FSDP, `shards` processes: each
+    process's shards); returns (rows, gradient bytes, largest one)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in trainable)
-    grads = sum(_nbytes(p) for p in trainable) // world_size
-    largest = max((_nbytes(p) for p in trainable), default=0)
-    shard = f" / {world_size}" if world_size > 1 else ""
+    grads = sum(_held(p, shards) for p in trainable)
+    largest = max((_held(p, shards) for p in trainable), default=0)
+    shard = f", 1/{shards} each" if shards > 1 else ""
     rows = [
         Row("training state", "gradients", grads, f"{n:,} trainable × bytes{shard}",
             "one gradient per trainable parameter, in its dtype (no float32 master copy: the loop keeps none)"),
@@ -495,22 +519,120 @@ def _in_mlp(row: Row) -> bool:
     return row.name.split(" ", 2)[2].startswith("mlp")
 
 
-def _block_grads(model, world_size: int) -> list[int]:
-    """Gradient bytes of each block's trainable parameters."""
+def _block_grads(model, shards: int) -> list[int]:
+    """Gradient bytes of each block's trainable parameters (under FSDP, each process's shards)."""
     out = [0] * model.cfg.n_layer
     for name, p in model.named_parameters():
         m = re.match(r"layers\.(\d+)\.", name)
         if m and p.requires_grad:
-            out[int(m.group(1))] += _nbytes(p) // world_size
+            out[int(m.group(1))] += _held(p, shards)
     return out
 
 
+def _made_late(model, name: str) -> bool:
+    """Whether a parameter's gradient is made after every block's backward (embeddings, soft prompt), not
+    before (the LM head, final norm, a classification head); a tied head's is made with the head's."""
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    return name.startswith(("embed_", "project_in", "prompt")) and not (tied and name == "embed_tokens.weight")
+
+
+@dataclass
+class Gathered:
+    """FSDP, one process (distributed._fsdp): per unit (block index, "head", "root") the whole weights it
+    all-gathers, its trainable weights' whole gradients before they are reduce-scattered, and the
+    reduce-scatter's input buffer; bytes. All zero outside FSDP."""
+    weights: dict = field(default_factory=dict)
+    grads: dict = field(default_factory=dict)
+    reduce_in: dict = field(default_factory=dict)
+    root_early: int = 0        # the root's whole gradients made before the blocks' backward (LM head, final norm)
+    root_early_shards: int = 0  # the same gradients' shards (what they become at the end of the backward)
+    root_late: int = 0         # the root's whole gradients made after every block's (embeddings, soft prompt)
+    tied: int = 0              # a trained tied embedding: its backward's gradient and its sum with the head's
+
+    def of(self, table: str, unit) -> int:
+        return getattr(self, table).get(unit, 0)
+
+    def reduce_moment(self, unit, grads: int, world: int, device: str) -> int:
+        """The most a unit's reduce-scatter holds: its whole gradients copied into the input buffer, then
+        (freed) the output, 1/world of it, and on the CPU gloo's own whole copy of the input."""
+        rs = self.of("reduce_in", unit)
+        return rs + max(grads, rs // world + (rs if device == "cpu" else 0)) if rs else 0
+
+
+def fsdp_gathered(model, world: int, mixed: bool) -> Gathered:
+    """What FSDP2 gathers, by unit (distributed.fsdp_units: each block, a classification head; the root
+    holds the rest). A parameter's whole copy has its rows padded to a multiple of `world`; it and the
+    gradients are in the compute dtype (bf16 under mixed precision), the reduce-scatter input in the
+    reduce dtype (float32 under mixed precision)."""
+    from .distributed import fsdp_units
+
+    units = dict(zip([*range(len(model.layers)), "head"], fsdp_units(model)))
+    inside = {id(p) for unit in units.values() for p in unit.parameters()}
+    params = {k: list(unit.named_parameters()) for k, unit in units.items()}
+    params["root"] = [(n, p) for n, p in model.named_parameters() if id(p) not in inside]
+    compute = lambda p: 2 if mixed else p.element_size()
+    reduce = lambda p: 4 if mixed else p.element_size()
+    whole = lambda p, size: _held(p, world) * world // p.element_size() * size   # padded rows, all processes
+    g = Gathered()
+    for unit, named in params.items():
+        g.weights[unit] = sum(whole(p, compute(p)) for _, p in named)
+        g.grads[unit] = sum(p.numel() * compute(p) for _, p in named if p.requires_grad)
+        g.reduce_in[unit] = sum(whole(p, reduce(p)) for _, p in named if p.requires_grad)
+    early = [p for n, p in params["root"] if p.requires_grad and not _made_late(model, n)]
+    g.root_early, g.root_early_shards = sum(p.numel() * compute(p) for p in early), sum(_held(p, world) for p in early)
+    g.root_late = sum(p.numel() * compute(p) for n, p in params["root"] if p.requires_grad and _made_late(model, n))
+    embed = model.embed_tokens.weight
+    g.tied = 2 * embed.numel() * compute(embed) if embed.requires_grad and model.lm_head.weight is embed else 0
+    return g
+
+
+def parallel_rows(model, parallel: str, world: int, g: Gathered, mixed: bool) -> list[Row]:
+    """DDP's gradient buckets, or what FSDP gathers (their moments are placed by plan_step)."""
+    if parallel == "ddp":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [Row("training state", "DDP gradient buckets", sum(_nbytes(p) for p in trainable),
+                    f"{sum(p.numel() for p in trainable):,} trainable × bytes",
+                    "DDP's flat buffers the gradients are copied into and all-reduced in (not views of the "
+                    "gradients: gradient_as_bucket_view is off), one per 25 MiB, kept for the whole run")]
+    if parallel != "fsdp":
+        return []
+    whole = f"whole, rows padded to ×{world}" + (", bf16" if mixed else "")
+    grads = "whole" + (", bf16" if mixed else "")
+    reduce_in = f"whole, rows padded to ×{world}" + (", float32" if mixed else "")
+    rows = [Row("gathered (FSDP)", "root weights, whole", g.weights["root"], whole,
+                "embeddings, final norm, LM head, soft prompt: gathered at the forward, whole until the end of "
+                "backward (FSDP does not reshard the root after its forward)")]
+    if g.weights.get("head"):
+        rows.append(Row("gathered (FSDP)", "classification head, whole", g.weights["head"], whole,
+                        "gathered for its forward and again for its backward"))
+    blocks = [i for i in g.weights if isinstance(i, int)]
+    for i in blocks:
+        rows.append(Row("gathered (FSDP)", f"block {i} weights, whole", g.weights[i], whole,
+                        "gathered before it runs, freed after; twice at once while copied out of the all-gather's "
+                        "buffer, or beside the next block's, prefetched in backward"))
+    for i in blocks:
+        if g.grads[i]:
+            rows.append(Row("gathered (FSDP)", f"block {i} gradients, whole", g.grads[i], f"trainable, {grads}",
+                            "its backward makes whole gradients, reduce-scattered into the shards at its end"))
+            rows.append(Row("gathered (FSDP)", f"block {i} reduce-scatter input", g.reduce_in[i],
+                            f"trainable, {reduce_in}", "held until the next unit's gradients are reduced (FSDP "
+                            "keeps one in flight); on the CPU gloo copies it whole once more while reducing"))
+    if g.grads["root"]:
+        rows.append(Row("gathered (FSDP)", "root gradients, whole", g.grads["root"], f"trainable, {grads}",
+                        "the LM head's and final norm's from the loss's backward on, the embeddings' at the "
+                        "end; all reduce-scattered when the backward ends"))
+    return rows
+
+
 def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 0, device: str = "cpu",
-              precision: str = "fp32", world_size: int = 1, grad_accum: int = 1) -> Plan:
+              precision: str = "fp32", world_size: int = 1, parallel: str = "none", grad_accum: int = 1) -> Plan:
     """The memory of one training step of `model` (built on meta, its method applied) on `batch` rows of
-    `seq` tokens, every position labelled; `every`: gradient checkpointing; `world_size`: FSDP ranks;
-    with grad_accum > 1 the later micro-batches run while the earlier ones' gradients are held."""
+    `seq` tokens, every position labelled, in one process of `world_size` under `parallel` ("ddp",
+    "fsdp"; "none": alone); `every`: gradient checkpointing; with grad_accum > 1 the later micro-batches
+    run while the earlier ones' gradients are held."""
     cfg = model.cfg
+    parallel = parallel if world_size > 1 else "none"
+    shards = world_size if parallel == "fsdp" else 1
     virtual = model.prompt.n_tokens if model.prompt is not None else 0
     prefix = max((getattr(getattr(getattr(b.attn, "base", b.attn), "prefix", None), "n_tokens", 0) or 0)
                  for b in model.layers)
@@ -521,22 +643,29 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     d = Dims(batch, seq + virtual, seq + virtual + prefix, a, device == "cuda",
              ops.attention_path(device, attn0.head_dim, dropout), int8_keeps_float)
     n = batch * (seq - 1)                               # positions that predict a labelled token
-    rows = weight_rows(model, world_size) + int8_buffer_rows(model, device, a)
-    state, grads, largest = state_rows(model, world_size, device)
+    rows = weight_rows(model, shards) + int8_buffer_rows(model, device, a)
+    state, grads, largest = state_rows(model, shards, device)
+    mixed = precision == "bf16" and model.embed_tokens.weight.dtype == torch.float32  # distributed.Parallel.wrap
+    g = fsdp_gathered(model, world_size, mixed) if shards > 1 else Gathered()
+    state += parallel_rows(model, parallel, world_size, g, mixed)
     rows += state
     kept, per_block, _ = activation_rows(model, d, every)
     rows += kept
     loss_kept, loss_transient = loss_rows(model, d, n, loss_chunk)
     rows += loss_kept + loss_transient
-    static = sum(r.bytes for r in rows if r.section == "weights") + 2 * grads + state[2].bytes
+    static = sum(r.bytes for r in rows if r.section == "weights") + sum(r.bytes for r in state if r.name != "gradients"
+                                                                         and r.section == "training state")
     held = grads if grad_accum > 1 else 0               # accumulated gradients, from the second micro-batch on
-    moments = {"loss backward (end of forward)":
-               static + held + sum(r.bytes for r in kept + loss_kept + loss_transient)}
-    block_grads, (t_mlp, t_attn) = _block_grads(model, world_size), backward_transients(model, d)
-    late = sum(_nbytes(p) for name, p in model.named_parameters()   # gradients made after every block's
-               if p.requires_grad and name.startswith(("embed_", "project_in", "prompt"))) // world_size
-    head_grads = grads - sum(block_grads) - late         # head and final norm: made before any block's
-    for i in reversed(range(cfg.n_layer)):             # backward, last block first: its MLP, then attention
+    moments = {"loss backward (end of forward)": static + held + g.of("weights", "root") + g.of("weights", "head")
+               + sum(r.bytes for r in kept + loss_kept + loss_transient)}
+    block_grads, (t_mlp, t_attn) = _block_grads(model, shards), backward_transients(model, d)
+    late = sum(_held(p, shards) for name, p in model.named_parameters() if p.requires_grad and _made_late(model, name))
+    head_grads = grads - sum(block_grads) - late - g.root_early_shards  # made before any block's backward
+    L = cfg.n_layer
+    if shards > 1:  # the last block's all-gather: a flat buffer, then copied into each weight's whole copy
+        moments[f"forward of block {L - 1} (all-gather)"] = (static + held + g.weights["root"] + 2 * g.weights[L - 1]
+                                                            + sum(r.bytes for r in kept if _block_of(r) < L - 1))
+    for i in reversed(range(L)):                        # backward, last block first: its MLP, then attention
         before = sum(r.bytes for r in kept if _block_of(r) < i)
         own = d.N * cfg.hidden_size * a if every and i % every == 0 else 0   # a checkpointed block's input
         mlp = sum(r.bytes for r in per_block[i] if _in_mlp(r))
@@ -544,8 +673,23 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
             # act(up): down_proj's input is freed once its backward ran, before act's gradient exists
             mlp -= sum(r.bytes for r in per_block[i] if r.name.endswith("mlp hidden"))
         attn = sum(r.bytes for r in per_block[i] if not _in_mlp(r))
-        done = static + (held or head_grads + sum(block_grads[i + 1:])) + before + own
-        moments[f"backward of block {i}"] = done + max(attn + mlp + t_mlp, block_grads[i] + attn + t_attn)
+        so_far = (held or head_grads + sum(block_grads[i + 1:])) + g.root_early
+        done = static + so_far + before + own + g.of("weights", "root")
+        grads_i = g.grads[i] if shards > 1 else block_grads[i]
+        # FSDP: block i's weights whole, beside its all-gather buffer while they are copied out of it, then
+        # beside block i-1's (prefetched); the reduce-scatter input of the unit reduced before still held
+        whole, prefetched = g.of("weights", i), g.of("weights", i - 1)
+        rs_held = g.of("reduce_in", i + 1 if i + 1 < L else "head")
+        copy_out = 2 * whole + rs_held + attn + mlp
+        inside = whole + prefetched + rs_held + max(attn + mlp + t_mlp, grads_i + attn + t_attn)
+        reduce = prefetched + g.reduce_moment(i, grads_i, world_size, device)
+        moments[f"backward of block {i}"] = done + max(copy_out, inside, reduce)
+    if shards > 1:  # the root's gradients: the embeddings' made last, then all reduce-scattered
+        reduced = held or grads - g.root_early_shards - late  # every other unit's shards
+        moments["embeddings' backward"] = (static + reduced + g.weights["root"] + g.root_early + g.root_late
+                                           + g.tied)
+        moments["end of backward (root's reduce-scatter)"] = static + reduced + g.reduce_moment(
+            "root", g.grads["root"], world_size, device)
     opt_transient = grads if device == "cuda" else 2 * largest  # foreach AdamW on CUDA, one tensor at a time on CPU
     moments["optimizer step"] = static + grads + opt_transient
     rows.append(Row("transient", "MLP backward", t_mlp, "2·N·C·a + 2·N·F·a",
@@ -557,7 +701,7 @@ def plan_step(model, batch: int, seq: int, *, every: int = 0, loss_chunk: int = 
     peak_moment = max(moments, key=moments.get)
     settings = {"batch_size": batch, "grad_accum": grad_accum, "seq": seq, "virtual_tokens": virtual,
                 "gradient_checkpointing": every, "loss_chunk": loss_chunk, "device": device, "precision": precision,
-                "world_size": world_size}
+                "world_size": world_size, "parallel": parallel}
     return Plan(rows, moments[peak_moment], peak_moment, moments, settings)
 
 
@@ -587,18 +731,34 @@ def inference_rows(model, batch: int, seq: int, new_tokens: int, device: str, lo
     ]
 
 
-def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | None = None,
-         every: int | None = None) -> Plan:
-    """The plan of the recipe's training step (rows of train.batch_size, or `batch`, of data.max_length
-    tokens; checkpointing train.gradient_checkpointing, or `every`), with generation and evaluation."""
+def parallel_mode(cfg: Config, world_size: int, parallel: str | None = None) -> str:
+    """How `world_size` processes share the model: "none" (alone), else `parallel` or train.parallel."""
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    mode = "none" if world_size == 1 else parallel or cfg.train.parallel
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"parallel must be \"ddp\" or \"fsdp\", got {mode!r}")
+    return mode
+
+
+def for_whom(p: Plan, before: str = "") -> str:
+    """'' alone, or `before` + 'each of 2 processes under train.parallel = "fsdp"' (a plan's settings)."""
+    n, mode = p.settings.get("world_size", 1), p.settings.get("parallel", "none")
+    return "" if n == 1 else f"{before}each of {n} processes under train.parallel = \"{mode}\""
+
+
+def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | None = None,
+         every: int | None = None, parallel: str | None = None) -> Plan:
+    """The plan of the recipe's training step (rows of train.batch_size, or `batch`, of data.max_length
+    tokens; checkpointing train.gradient_checkpointing, or `every`), with generation and evaluation; for
+    one process of `world_size`, which share the model as train.parallel (or `parallel`) says."""
+    mode = parallel_mode(cfg, world_size, parallel)
     model = meta_model(cfg)
     t = cfg.train
     seq = max(task.max_length for task in cfg.data.tasks())
     p = plan_step(model, batch or t.batch_size, seq, every=t.gradient_checkpointing if every is None else every,
                   loss_chunk=t.loss_chunk, device=device, precision=t.precision, world_size=world_size,
-                  grad_accum=t.grad_accum)
+                  parallel=mode, grad_accum=t.grad_accum)
     p.rows += inference_rows(model, t.eval_batch_size, seq, 64, device, t.loss_chunk)
     return p
 
@@ -608,52 +768,59 @@ def plan(cfg: Config, device: str = "cpu", world_size: int = 1, batch: int | Non
 BUDGET_CHUNK = 256    # train.loss_chunk a budget sets when none is: 3 float32 (256, V) buffers at a time
 
 
-def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 1) -> tuple[dict, Plan]:
-    """The settings that fit a step under `budget` bytes: ({batch_size, grad_accum, gradient_checkpointing,
-    loss_chunk}, their plan). The global batch (batch_size × grad_accum) stays. The loss is chunked
-    (train.loss_chunk, or BUDGET_CHUNK positions): it costs no compute and gives the same loss to 1e-6.
-    Then the first that fits of: the recipe's checkpointing, every 2nd block, every block (each costs
-    up to one more forward of the blocks it recomputes); at each, the largest micro-batch dividing the
-    global batch. Refuses, with the plan, when nothing fits."""
+def fit_budget(cfg: Config, budget: int, device: str = "cpu", world_size: int = 1,
+               parallel: str | None = None) -> tuple[dict, Plan]:
+    """The settings that fit a step of one process (of `world_size`, sharing the model as train.parallel,
+    or `parallel`, says) under `budget` bytes: ({batch_size, grad_accum, gradient_checkpointing,
+    loss_chunk}, their plan). The global batch (batch_size × world_size × grad_accum) stays. The loss is
+    chunked (train.loss_chunk, or BUDGET_CHUNK positions): it costs no compute and gives the same loss to
+    1e-6. Then the first that fits of: the recipe's checkpointing, every 2nd block, every block (each
+    costs up to one more forward of the blocks it recomputes); at each, the largest micro-batch dividing
+    the process's rows of a step. Refuses, with the plan, when nothing fits."""
     t = cfg.train
+    mode = parallel_mode(cfg, world_size, parallel)
     total = t.batch_size * t.grad_accum
     model = meta_model(cfg)
     seq = max(task.max_length for task in cfg.data.tasks())
-    weights = sum(r.bytes for r in weight_rows(model, world_size))
+    shards = world_size if mode == "fsdp" else 1
+    weights = sum(r.bytes for r in weight_rows(model, shards))
     if weights > budget:
         raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}) is below what the "
-                         f"weights alone need: {human(weights)} ({_by_dtype(model, world_size)})")
+                         f"weights alone need: {human(weights)} ({_by_dtype(model, shards)})"
+                         + (f", in each of {world_size} processes under train.parallel = \"{mode}\""
+                            if world_size > 1 else ""))
     chunk = t.loss_chunk or BUDGET_CHUNK
     ladder = [(t.gradient_checkpointing, chunk), (max(1, min(t.gradient_checkpointing or 2, 2)), chunk), (1, chunk)]
     last = None
     for every, loss_chunk in dict.fromkeys(ladder):   # in order, without repeats
         for batch in (b for b in range(total, 0, -1) if total % b == 0):
             last = plan_step(model, batch, seq, every=every, loss_chunk=loss_chunk, device=device,
-                             precision=t.precision, world_size=world_size, grad_accum=total // batch)
+                             precision=t.precision, world_size=world_size, parallel=mode, grad_accum=total // batch)
             if last.peak_bytes <= budget:
                 choice = {"batch_size": batch, "grad_accum": total // batch, "gradient_checkpointing": every,
                           "loss_chunk": loss_chunk}
                 return choice, last
-    raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}): no setting fits; the "
-                     f"smallest, batch_size = 1 with every block checkpointed and the loss in chunks of {chunk}, "
+    raise ValueError(f"train.memory_budget = {t.memory_budget!r} ({human(budget)}): no setting fits"
+                     f"{for_whom(last, ' ')}; "
+                     f"the smallest, batch_size = 1 with every block checkpointed and the loss in chunks of {chunk}, "
                      f"needs {human(last.peak_bytes)} at its peak ({last.peak_moment}):\n{last.table()}")
 
 
-def _by_dtype(model, world_size: int) -> str:
-    return ", ".join(f"{r.name.removeprefix('weights ')} {human(r.bytes)}" for r in weight_rows(model, world_size))
+def _by_dtype(model, shards: int) -> str:
+    return ", ".join(f"{r.name.removeprefix('weights ')} {human(r.bytes)}" for r in weight_rows(model, shards))
 
 
-def apply_budget(cfg: Config, device: str, log=print, world_size: int = 1) -> Plan:
-    """Set train.batch_size, grad_accum, gradient_checkpointing and loss_chunk to fit train.memory_budget;
-    log the choice and the plan; returns the plan."""
+def apply_budget(cfg: Config, device: str, log=print, world_size: int = 1, parallel: str | None = None) -> Plan:
+    """Set train.batch_size, grad_accum, gradient_checkpointing and loss_chunk to fit train.memory_budget
+    in each of `world_size` processes (see fit_budget); log the choice and the plan; returns the plan."""
     t = cfg.train
     budget = parse_size(t.memory_budget)
-    choice, p = fit_budget(cfg, budget, device, world_size)
+    choice, p = fit_budget(cfg, budget, device, world_size, parallel)
     before = {k: getattr(t, k) for k in choice}
     for k, v in choice.items():
         setattr(t, k, v)
     changed = ", ".join(f"{k} {before[k]} -> {v}" for k, v in choice.items() if before[k] != v) or "nothing changed"
-    log(f"memory_budget {t.memory_budget} ({human(budget)}): {changed}; predicted peak "
+    log(f"memory_budget {t.memory_budget} ({human(budget)}){for_whom(p, ' for ')}: {changed}; predicted peak "
         f"{human(p.peak_bytes)} ({p.peak_moment})\n{p.table()}")
     return p
 
@@ -662,10 +829,15 @@ def apply_budget(cfg: Config, device: str, log=print, world_size: int = 1) -> Pl
 
 USAGE = """python -m mintune.plan CONFIG.toml [--section.key=value ...] [--device cpu|cuda] [--world-size N]
                         [--json FILE] [--measure]
+torchrun --nproc_per_node=N -m mintune.plan CONFIG.toml [...] --measure
 
 The memory of one training step of the recipe, predicted from config.json and the safetensors headers
 (no weights loaded): every row with its formula and why it is held, the peak and the moment it falls.
---measure also loads the model, runs two steps on random tokens and prints the measured peak beside."""
+--world-size N plans one of N processes (torchrun), sharing the model as train.parallel says: "ddp"
+(each holds the whole model and DDP's gradient buckets) or "fsdp" (each holds 1/N of the weights,
+gradients and AdamW state, and the whole weights of the units it has gathered).
+--measure also loads the model, runs two steps on random tokens and prints the measured peak beside;
+under torchrun each process measures its own (the world size is torchrun's)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -678,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mintune.plan", add_help=False)
     ap.add_argument("config", nargs="?")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--world-size", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--measure", action="store_true")
     args, overrides = ap.parse_known_args(argv)
@@ -686,37 +858,71 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan_command(args, overrides: list[str]) -> None:
+    from .distributed import is_main_process
     from .files import write_json
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))   # torchrun's processes, or 1
+    world = launched if args.world_size is None else args.world_size
+    if launched > 1 and world != launched:
+        raise ValueError(f"--world-size {world} under torchrun with {launched} processes: leave it out (the plan is "
+                         "for one of torchrun's processes)")
+    say = print if is_main_process() else (lambda *_: None)
     cfg = load_config(args.config, overrides)
     if cfg.train.memory_budget:
-        p = apply_budget(cfg, args.device, world_size=args.world_size)
+        p = apply_budget(cfg, args.device, log=say, world_size=world)
     else:
-        p = plan(cfg, args.device, args.world_size)
-        print(p.table())
+        p = plan(cfg, args.device, world)
+        say(p.table())
     out = p.to_json()
-    print(f"predicted peak: {human(p.peak_bytes)} ({p.peak_moment})")
+    say(f"predicted peak: {human(p.peak_bytes)} ({p.peak_moment}){for_whom(p, ', for ')}")
     if args.measure:
-        measured = measure_recipe(cfg, args.device)
-        out["measured_peak_bytes"] = measured
-        print(f"measured peak:  {human(measured)} ({100 * (p.peak_bytes / measured - 1):+.1f}% planned vs measured)")
-    if args.json:
+        peaks = measure_processes(cfg, args.device)
+        out["measured_peak_bytes"], out["measured_peak_bytes_per_process"] = max(peaks), peaks
+        each = f"; per process: {', '.join(human(b) for b in peaks)}" if len(peaks) > 1 else ""
+        say(f"measured peak:  {human(max(peaks))} ({100 * (p.peak_bytes / max(peaks) - 1):+.1f}% planned vs "
+            f"measured){each}")
+    if args.json and is_main_process():
         write_json(args.json, out)
 
 
 def measure_recipe(cfg: Config, device: str) -> int:
     """Load the recipe's model, apply its method, run two training steps on random rows of
-    data.max_length tokens (memory.measure_step) and return the measured peak in bytes."""
+    data.max_length tokens (memory.measure_step) and return the measured peak in bytes; under torchrun,
+    the largest of the processes' peaks (measure_processes)."""
+    return max(measure_processes(cfg, device))
+
+
+def measure_processes(cfg: Config, device: str) -> list[int]:
+    """The measured peak of each process: one, or under torchrun each of its processes, which load the
+    model, hand it to DDP or FSDP as training does (distributed.Parallel.wrap), and run the two steps on
+    their rows of the same batches (every process takes part; each gets the list)."""
+    import copy
+
+    from .distributed import start
     from .fetch import model_dir
     from .hf import load_model
     from .memory import measure_step
 
     where = model_dir(cfg.model.path)
-    model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
-                       group_size=cfg.model.group_size or None)
-    _apply_method(model, cfg)
     seq = max(task.max_length for task in cfg.data.tasks())
-    return measure_step(model, cfg.train, seq).peak
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        model = load_model(where, dtype=cfg.model.dtype, device=device, quantize=cfg.model.quantize or None,
+                           group_size=cfg.model.group_size or None)
+        _apply_method(model, cfg)
+        return [measure_step(model, cfg.train, seq).peak]
+    import torch.distributed as dist
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.device = device
+    with start(cfg) as par:
+        model = load_model(where, dtype=cfg.model.dtype, device=par.load_device(),
+                           quantize=cfg.model.quantize or None, group_size=cfg.model.group_size or None)
+        _apply_method(model, cfg)
+        par.wrap(model, cfg)
+        peak = measure_step(model, cfg.train, seq, par=par).peak
+        peaks = [0] * par.world
+        dist.all_gather_object(peaks, peak)
+    return peaks
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ def prepare(cfg: Config, rundir: RunDir, par: Parallel | None = None, log=print)
     device = par.device
     par.on_main(model_dir, cfg.model.path)  # a model to fetch is fetched once
     where = model_dir(cfg.model.path)
-    if t.memory_budget:  # micro-batch, accumulation, checkpointing and loss chunks chosen to fit (plan.py)
-        apply_budget(cfg, device.type, log)
+    if t.memory_budget:  # micro-batch, accumulation, checkpointing and loss chunks chosen to fit (plan.py),
+        apply_budget(cfg, device.type, log, world_size=par.world, parallel=par.mode)  # in each process
     record = run_record(cfg, where) if par.is_main else {}
     changes = par.on_main(rundir.check_resume, record) if rundir.resume else {}
     tok = load_tokenizer(where)

@@ -31,6 +31,7 @@ from mintune.heads import add_classification_head
 from mintune.hf import load_model
 from mintune.lora import apply_lora
 from mintune.methods import full_finetune
+from mintune.plan import plan
 from mintune.recipe import Config, load_config
 from mintune.rundir import RunDir, RunDirError
 from mintune.train import train
@@ -262,6 +263,39 @@ def test_every_method_takes_the_step_of_one_process(recipe, tmp_path, method, pa
         return
     tolerance = TOLERANCE["bfloat16" if "--model.dtype=bfloat16" in overrides else "float32"]
     assert max(losses) <= tolerance and diff <= tolerance
+
+
+# --------------------------------------------------------------------------- memory: planned against measured
+
+PER_PROCESS = {  # one process of 2, each with batch_size 2 rows, grad_accum 2 (the recipe's)
+    "fsdp full, checkpointing": ["--train.parallel=fsdp", "--method.name=full", "--train.gradient_checkpointing=1"],
+    "fsdp lora": ["--train.parallel=fsdp", "--train.gradient_checkpointing=0"],
+    "ddp lora, checkpointing": ["--train.parallel=ddp", "--train.gradient_checkpointing=1"],
+    "ddp full": ["--train.parallel=ddp", "--method.name=full", "--train.gradient_checkpointing=0"],
+}
+
+
+def test_plan_within_ten_percent_of_each_process_measured(recipe, tmp_path):
+    """plan.plan(world_size=2) against the peak of live tensors each of 2 processes measures (memory.LiveBytes:
+    its shards and what FSDP gathers, or the whole model and DDP's buckets), for one process of each mode."""
+    done = torchrun(recipe, tmp_path / "unused", script=[str(TESTS / "measure_ranks.py")],
+                    env={"MINTUNE_CASES": json.dumps(PER_PROCESS), "MINTUNE_PEAKS": str(tmp_path / "peaks.json")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    for name, overrides in PER_PROCESS.items():
+        cfg = load_config(str(recipe), ["--train.batch_size=2", *overrides])  # as torchrun() gives them
+        planned = plan(cfg, "cpu", world_size=2).peak_bytes
+        print(f"{name}: planned {planned}, measured {peaks[name]} ({100 * (planned / max(peaks[name]) - 1):+.1f}%)")
+        assert abs(planned / max(peaks[name]) - 1) <= 0.10, (name, planned, peaks[name])
+
+
+def test_memory_budget_under_torchrun_is_fitted_per_process(recipe, tmp_path):
+    """train.prepare fits train.memory_budget for one process of the launch, sharing the model as
+    train.parallel says, and process 0 prints the choice and the plan once."""
+    done = torchrun(recipe, tmp_path / "two", *FSDP[:2], "--train.max_steps=1", "--train.memory_budget=1GiB")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('memory_budget 1GiB (1.00 GiB) for each of 2 processes under train.parallel = "fsdp"') == 1
+    assert "[gathered (FSDP)]" in done.stdout and "root weights, whole" in done.stdout
 
 
 # --------------------------------------------------------------------------- refusals, DDP's frozen weights

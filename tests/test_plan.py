@@ -102,13 +102,50 @@ def test_weights_by_dtype_count_int8_and_scales(model_dirs):
     assert rows["gradients"] == lora and rows["AdamW exp_avg, exp_avg_sq"] == 2 * lora
 
 
-def test_world_size_divides_what_is_sharded(model_dirs):
-    cfg = recipe(model_dirs["gpt2"], "gpt2", "full")
-    one, four = plan(cfg), plan(cfg, world_size=4)
+# Full fine-tuning of the tiny Llama, counted by hand: embeddings and head 211·64 each; per block q, o 64·64,
+# k, v 32·64, gate, up 96·64, down 64·96, two norms 64; the final norm 64: 88,768 float32 weights. FSDP over 2
+# processes shards dim 0 and pads it to ⌈rows/2⌉: 211 rows -> 106, so each process holds 2·106·64 +
+# 2·(32·64 + 16·64 + 16·64 + 32·64 + 48·64 + 48·64 + 32·96 + 2·32) + 32 = 44,448 of them.
+WHOLE, SHARD = 88_768 * 4, 44_448 * 4
+
+
+def test_world_size_divides_only_what_fsdp_shards(model_dirs):
+    cfg = recipe(model_dirs["llama"], "llama", "full")
     by_name = lambda p: {r.name: r.bytes for r in p.rows}
-    for name in ("weights float32", "gradients", "AdamW exp_avg, exp_avg_sq"):
-        assert by_name(four)[name] == by_name(one)[name] // 4
-    assert by_name(four)["final norm input"] == by_name(one)["final norm input"]  # activations are not sharded
+    one, fsdp, ddp = (by_name(plan(cfg, world_size=w, parallel=m)) for w, m in ((1, None), (2, "fsdp"), (2, "ddp")))
+    assert one["weights float32"] == one["gradients"] == WHOLE and one["AdamW exp_avg, exp_avg_sq"] == 2 * WHOLE
+    assert fsdp["weights float32"] == fsdp["gradients"] == SHARD and fsdp["AdamW exp_avg, exp_avg_sq"] == 2 * SHARD
+    assert fsdp["root weights, whole"] == (2 * 212 * 64 + 64) * 4  # 211 rows padded to 212, and the final norm
+    assert fsdp["block 0 weights, whole"] == fsdp["block 1 weights, whole"] == 30_848 * 4
+    assert ddp["weights float32"] == ddp["gradients"] == WHOLE and ddp["DDP gradient buckets"] == WHOLE
+    assert "DDP gradient buckets" not in one and "root weights, whole" not in ddp
+    assert one["final norm input"] == fsdp["final norm input"] == ddp["final norm input"]  # each its own rows
+    lora = by_name(plan(recipe(model_dirs["llama"], "llama"), world_size=2, parallel="ddp"))
+    assert lora["DDP gradient buckets"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 4  # LoRA A, B of q and v
+
+
+def test_memory_budget_under_fsdp_plans_each_process_shards(model_dirs):
+    """Alone, or in each of 2 DDP processes, the optimizer step of a full fine-tune holds 16 bytes a weight
+    (weight, gradient, AdamW's two moments): 88,768 · 16 = 1,420,288 bytes whatever the batch. Under FSDP
+    each of 2 processes holds half of that, plus what it gathers."""
+    budget = 1_400_000
+    quiet = lambda *_: None
+    for world, parallel in ((1, None), (2, "ddp")):
+        cfg = recipe(model_dirs["llama"], "llama", "full", batch=4, seq=16, train__memory_budget=f"{budget}B")
+        with pytest.raises(ValueError, match="no setting fits"):
+            apply_budget(cfg, "cpu", log=quiet, world_size=world, parallel=parallel)
+        cfg.train.memory_budget = f"{WHOLE - 1}B"
+        with pytest.raises(ValueError, match=f"weights alone need: {WHOLE / 2**20:.1f} MiB"):
+            apply_budget(cfg, "cpu", log=quiet, world_size=world, parallel=parallel)
+    cfg = recipe(model_dirs["llama"], "llama", "full", batch=4, seq=16, train__memory_budget=f"{budget}B")
+    said = []
+    p = apply_budget(cfg, "cpu", log=said.append, world_size=2, parallel="fsdp")
+    assert p.peak_bytes <= budget and cfg.train.batch_size * cfg.train.grad_accum == 4  # the process's rows stay
+    assert {r.name: r.bytes for r in p.rows}["weights float32"] == SHARD
+    assert 'for each of 2 processes under train.parallel = "fsdp"' in said[0]
+    cfg.train.memory_budget = f"{WHOLE - 1}B"  # the shards fit where whole weights do not: then it is the step
+    with pytest.raises(ValueError, match='no setting fits each of 2 processes under train.parallel = "fsdp"'):
+        apply_budget(cfg, "cpu", log=quiet, world_size=2, parallel="fsdp")
 
 
 def test_json_holds_the_peak_and_the_rows(model_dirs, tmp_path, capsys):
