@@ -1,76 +1,101 @@
-"""Gradient checkpointing, written out: keep a block's input, drop its activations, recompute them in
-the backward pass.
+"""Gradient checkpointing, written out: keep a block's input, drop what its ops save for backward,
+recompute those tensors when backward first asks for one.
 
-    forward:   y = block(x)              under no_grad: nothing inside the block is stored
-    backward:  y = block(x) again        with grad on, the same RNG (dropout masks) and autocast
-               dx, dparams = grad(y, (x, params), dy)
+    forward:   y = block(x)             the graph is built as usual, but every tensor an op saves for
+                                        its backward is replaced by a number (its place in the order
+                                        of saving): nothing inside the block stays alive
+    backward:  the first time the graph asks for saved tensor number i, the block runs again on x
+               (same RNG, same autocast), and the tensors its ops save are kept by number; then the
+               graph of the first forward runs its backward on them, as without checkpointing
 
-Memory for activations goes from every intermediate of every block to one tensor per block, for
-about one more forward pass of compute.
+Memory for activations goes from every intermediate of every block to one tensor per block.
 
-Two details decide whether it is correct:
-- The block's trainable parameters are passed to the autograd.Function as inputs. Otherwise, when
-  the block's input does not require grad (frozen embeddings, as with LoRA, prompt tuning aside),
-  the output would not require grad either, backward would never reach the Function, and the
-  adapters inside the block would silently get no gradient.
-- The RNG state is saved before the forward and restored for the recomputation, so dropout draws
-  the same masks twice; it is restored afterwards so that the rest of training is unaffected.
+This is the mechanism of `torch.autograd.graph.saved_tensors_hooks`: `pack` runs when an op saves a
+tensor, `unpack` when backward needs it. Three details decide that it is correct and cheap:
+- The recomputation saves the same tensors in the same order as the first forward (the same ops
+  with the same inputs: `x` detached but needing a gradient exactly when it did, the same
+  parameters, the RNG state restored so that dropout draws the same masks). So the i-th tensor saved
+  in the recomputation is the i-th of the first forward.
+- It stops as soon as the last saved tensor exists: the ops after it save nothing, so running them
+  is wasted. In a block that ends with a frozen linear and a residual add (LoRA on q and v), that is
+  the MLP's down projection, about a sixth of the block's multiplications. (Recomputing the whole
+  block, as an autograd.Function that calls it again would, cost SmolLM2 about 7% of a training step
+  on the CPU.)
+- The backward is the first forward's own graph, so parameter gradients land where they would without
+  checkpointing: on the parameters themselves, or on FSDP's gathered copies, from where FSDP
+  reduce-scatters them into the shards (distributed.py). Nothing special is done for either.
 
-Under FSDP (distributed.py) the parameters passed in are the process's shards; the block's forward
-all-gathers whole copies, and those are what the recomputed graph uses. Their gradients must land on
-the copies, where FSDP reduce-scatters them into the shards: the backward of a sharded block runs
-`torch.autograd.backward` (accumulating into every leaf, as a nested backward) instead of returning
-the parameters' gradients.
+Each tensor is handed over once and forgotten (so the block's recomputed tensors are freed as its
+backward goes, as they would be without checkpointing); a second backward through the same graph
+(`retain_graph=True`) recomputes again.
 """
 from __future__ import annotations
 
 import torch
 
 
-class RecomputedBlock(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, block, rope, keys, x, *params):
-        ctx.block, ctx.rope, ctx.keys, ctx.params = block, rope, keys, params
-        ctx.sharded = _sharded(block)
-        ctx.device_type = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return block(x, rope, keys)
+class _StopRecompute(Exception):
+    """Raised inside the recomputation once every saved tensor is back: the rest of the block need not run."""
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
-        devices = [x.device] if ctx.cuda_rng is not None else []
+
+class _SavedByNumber:
+    """One checkpointed call: the inputs to run it again, and its saved tensors once recomputed."""
+
+    def __init__(self, block, x: torch.Tensor, rope, keys):
+        self.block, self.x, self.rope, self.keys = block, x, rope, keys
+        self.count = 0                       # tensors the first forward saved
+        self.recomputed: dict[int, torch.Tensor] = {}
+        self.device_type = x.device.type
+        self.autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+    def pack(self, _tensor: torch.Tensor) -> int:
+        """First forward: an op saves a tensor; keep its number instead."""
+        self.count += 1
+        return self.count - 1
+
+    def unpack(self, number: int) -> torch.Tensor:
+        """Backward: the saved tensor `number`, recomputed (with all the others) on first need."""
+        if number not in self.recomputed:
+            self._recompute()
+        return self.recomputed.pop(number)
+
+    def _recompute(self) -> None:
+        taken = []
+
+        def keep(tensor: torch.Tensor) -> int:
+            taken.append(tensor.detach())  # not the recomputation's graph: it holds `keep`, a cycle through C++
+            if len(taken) == self.count:
+                raise _StopRecompute
+            return len(taken) - 1
+
+        x = self.x.detach().requires_grad_(self.x.requires_grad)
+        devices = [x.device] if self.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                y = ctx.block(x, ctx.rope, ctx.keys)
-        if ctx.sharded:
-            torch.autograd.backward(y, grad_y)   # into x.grad and the gathered parameters' .grad (FSDP's)
-            return (None, None, None, x.grad, *[None] * len(ctx.params))
-        inputs = ([x] if x.requires_grad else []) + list(ctx.params)
-        grads = list(torch.autograd.grad(y, inputs, grad_y, allow_unused=True))
-        grad_x = grads.pop(0) if x.requires_grad else None
-        return (None, None, None, grad_x, *grads)
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, x.device)
+            enabled, dtype = self.autocast
+            try:
+                with torch.enable_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled), \
+                        torch.autograd.graph.saved_tensors_hooks(keep, _never_unpacked):
+                    self.block(x, self.rope, self.keys)
+            except _StopRecompute:
+                pass
+        if len(taken) != self.count:
+            raise RuntimeError(f"gradient checkpointing: the recomputed block saved {len(taken)} tensors for "
+                               f"backward, its first forward {self.count}; the block does not compute the same "
+                               "thing twice (a side effect, or a branch on state that changed)")
+        self.recomputed = dict(enumerate(taken))
+
+
+def _never_unpacked(number: int) -> torch.Tensor:
+    raise RuntimeError("gradient checkpointing: the recomputation's own graph is never differentiated")
 
 
 def recompute_block(block, x: torch.Tensor, rope, keys) -> torch.Tensor:
-    """block(x, rope, keys), its activations recomputed in backward instead of stored."""
-    params = [p for p in block.parameters() if p.requires_grad]
-    return RecomputedBlock.apply(block, rope, keys, x, *params)
-
-
-def _sharded(block) -> bool:
-    """Whether FSDP2 shards the block's parameters (distributed.py)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(block, FSDPModule)
+    """block(x, rope, keys), its saved tensors dropped and recomputed in backward (see above)."""
+    saved = _SavedByNumber(block, x, rope, keys)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        return block(x, rope, keys)

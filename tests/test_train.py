@@ -104,6 +104,36 @@ def test_checkpointing_gives_the_same_gradients_with_less_memory(chat_dir, lora,
         assert ckpt_bytes < plain_bytes
 
 
+def test_checkpointing_recomputes_only_up_to_the_last_saved_tensor_and_frees_it(chat_dir):
+    """LoRA on q and v, every block checkpointed: in backward each block runs again until its last
+    saved tensor (the MLP's product before the frozen down projection), so q_proj runs twice per
+    step and down_proj once; and three steps hold no more than one (nothing of a step outlives it)."""
+    import mintune
+    from mintune.loss import lm_loss_sum
+    from mintune.memory import LiveBytes
+
+    model = mintune.load_model(chat_dir)
+    mintune.apply_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj"])
+    model.train()
+    model.recompute_every = 1
+    calls = {"q_proj": 0, "down_proj": 0}
+    for layer in model.layers:
+        layer.attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("q_proj", calls["q_proj"] + 1))
+        layer.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__("down_proj", calls["down_proj"] + 1))
+    ids = torch.randint(4, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    after = []
+    with LiveBytes(model) as live:
+        for _ in range(3):
+            loss, n = lm_loss_sum(model, ids, None, ids)
+            (loss / n).backward()
+            del loss, n
+            model.zero_grad(set_to_none=True)
+            after.append(live.current)
+    n_layer = model.cfg.n_layer
+    assert calls == {"q_proj": 3 * 2 * n_layer, "down_proj": 3 * n_layer}
+    assert after[0] == after[1] == after[2]
+
+
 def test_checkpointing_memory_report(chat_dir):
     """Tensors kept for backward, tiny model, 2 x 24 tokens: checkpointing every block keeps well under
     two thirds of what the plain forward keeps (the README's SmolLM2 figures come from
