@@ -268,7 +268,9 @@ def cpu_rows(model_dir=None, sizes: dict = FULL, rounds: int = 5, log=print, row
         makers = {"forward": lambda: forward_row(ours, theirs, sizes, rounds),
                   "generate": lambda: generate_row(ours, theirs, sizes, rounds),
                   "int8": lambda: int8_row(model_dir, ours, sizes, rounds)}
-        for name in (r for r in ROWS if r in rows and r != "train"):
+        # int8 first: its two sides are both mintune, and after transformers' generate had run in the
+        # process, its decoding measured 0.80-0.88x instead of 1.14-1.22x (cause not found; docs/cpu.md)
+        for name in (r for r in ("int8", "forward", "generate") if r in rows):
             out.append(makers[name]())
             log(_line(out[-1]))
         del ours, theirs
