@@ -90,12 +90,12 @@ def generate_ids(model: GPT, input_ids: torch.Tensor, attention_mask: torch.Tens
         seq, out = input_ids, []
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = model.lm_head(model.hidden_states(seq, mask, cache=cache)[:, -1])  # prefill: (B, V)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             tok = next_token(logits, temperature, top_k, top_p, generator)
             tok = torch.where(finished, torch.full_like(tok, pad_id), tok)          # (B,)
             out.append(tok)
             finished |= torch.isin(tok, eos)
-            if bool(finished.all()):
+            if bool(finished.all()) or step == max_new_tokens - 1:  # the last token needs no forward
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if use_cache:  # only the new token goes through the model

@@ -70,6 +70,21 @@ def test_greedy_tokens_match_transformers(saved_with_model, name):
         assert ours.tolist() == theirs.tolist(), f"use_cache={use_cache}"
 
 
+def test_generation_runs_one_forward_per_new_token(saved_with_model):
+    """n new tokens take n forwards (the prompt's, then one per token but the last), as transformers'
+    generate does: the last token is returned without running the model on it."""
+    path, hf = saved_with_model("llama")
+    model = mintune.load_model(path)
+    forwards = []
+    model.lm_head.register_forward_hook(lambda *a: forwards.append(1))
+    hf.lm_head.register_forward_hook(lambda *a: forwards.append(2))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generate_ids(model, ids, max_new_tokens=6)
+    hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                do_sample=False, pad_token_id=PAD_ID)
+    assert forwards.count(1) == forwards.count(2) == 6
+
+
 def test_generation_stops_at_eos(saved_with_model):
     path, _ = saved_with_model("llama")
     model = mintune.load_model(path)
