@@ -197,10 +197,15 @@ class Int8CPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        q, s = ctx.saved_tensors
-        dx = int8_matmul_cpu_grad_input(dy, q, s) if ctx.needs_input_grad[0] else None
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        return dx, None, None, dbias
+        return int8_backward(ctx, dy, int8_matmul_cpu_grad_input)
+
+
+def int8_backward(ctx, dy: torch.Tensor, grad_input) -> tuple:
+    """Both Functions' backward: x's gradient by `grad_input(dy, q, s)`, a trainable bias's, none for q, s."""
+    q, s = ctx.saved_tensors
+    dx = grad_input(dy, q, s) if ctx.needs_input_grad[0] else None
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+    return dx, None, None, dbias
 
 
 if triton is not None:
@@ -634,11 +639,7 @@ class Int8MatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        q, s = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = int8_matmul_grad_input(dy, q, s) if ctx.needs_input_grad[0] else None
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        return dx, None, None, dbias
+        return int8_backward(ctx, dy.contiguous(), int8_matmul_grad_input)
 
 
 def report_launches(sms: int = 132) -> list[tuple[str, Launch, dict]]:
