@@ -298,6 +298,8 @@ def start(cfg):
             if not is_main_process():
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             yield Parallel(cfg.train.parallel, rank, world, device)
+        if joined:  # a run that ended well: every process done before the group is torn down (on a
+            dist.barrier()  # loaded machine, gloo aborted a process that tore it down while another still wrote)
     finally:
         if joined:
             dist.destroy_process_group()
