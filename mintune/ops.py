@@ -22,8 +22,8 @@ The CPU "torch" paths (docs/cpu.md): attention on a CPU tensor runs
 (through `Int8CPUFunction` when a gradient is wanted): the int8 weight is converted in cache-sized
 row blocks into one reused buffer, so no float copy of a layer is made, nor kept for backward; see
 kernels/int8_matmul.py. Attention dropout runs the reference (SDPA's random mask would differ), and
-the log says why. The int8 "torch" path is
-plain torch ops (a loop of matmuls), named "torch" like the others: not the reference, not a kernel.
+the log says why. The int8 "torch" path is plain torch ops (a loop of matmuls), named "torch" like
+the others: not the reference, not a kernel.
 
 This module is the only one that imports from `mintune.kernels`, and it does so on first use: a kernel
 module imports triton, which `import mintune` does not need. The model never calls an implementation
